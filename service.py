@@ -1,0 +1,590 @@
+"""Task service: the REST API behind a multi-user todo app.
+
+Reads top to bottom: configuration, database, authentication, SQL, handlers, routes, app.
+Every request carries a JWT; its `sub` claim is the user, and every SQL statement that reads or
+changes a task has `user_id = :user_id` in its WHERE clause, so isolation between users is enforced
+by the database query itself.
+
+Run it:      python service.py              (serves on 127.0.0.1:$PORT)
+Try it:      python service.py token alice  (prints a one-hour token for user "alice")
+"""
+
+import json
+import logging
+import sqlite3
+import sys
+import uuid
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import jwt
+from databases import Database
+from starlette.applications import Starlette
+from starlette.config import Config
+from starlette.datastructures import CommaSeparatedStrings
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration, read once from the environment or a .env file.
+
+# A deployed service has no .env file (its settings are in the environment), so only read one that exists.
+config = Config(".env" if Path(".env").is_file() else None)
+DATABASE_URL = config("DATABASE_URL", default="sqlite:///./tasks.db")
+BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
+CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
+PORT = config("PORT", cast=int, default=8000)
+
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
+MIN_SECRET_BYTES = 32
+if len(BETTER_AUTH_SECRET.encode()) < MIN_SECRET_BYTES:
+    sys.exit(
+        "service: set BETTER_AUTH_SECRET (at least 32 bytes, the secret shared with Better Auth) "
+        "in the environment or in .env, e.g. BETTER_AUTH_SECRET=$(openssl rand -base64 32)"
+    )
+
+MAX_BODY_BYTES = 64 * 1024
+TITLE_MAX, DESCRIPTION_MAX = 200, 1000
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
+SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit on both databases
+CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
+
+log = logging.getLogger("service")
+
+# ---------------------------------------------------------------------------------------------------
+# Database
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+
+
+class SQLiteWithForeignKeys(sqlite3.Connection):
+    """SQLite leaves foreign keys off on every new connection; ON DELETE CASCADE needs them on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA foreign_keys = ON")
+
+
+def open_database(url: str) -> Database:
+    if url.startswith("sqlite"):
+        return Database(url, factory=SQLiteWithForeignKeys)
+    return Database(url)
+
+
+async def apply_schema(database: Database) -> None:
+    if database.url.dialect == "sqlite":
+        # Write-ahead logging lets readers and a writer work at once; the setting lives in the file.
+        await database.execute("PRAGMA journal_mode = WAL")
+    for statement in SCHEMA_PATH.read_text().split(";"):
+        if statement.strip():
+            await database.execute(statement)
+
+
+def utc_now() -> str:
+    """The one timestamp format stored and served (see schema.sql)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication: a request becomes a user id, or a 401.
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("Missing authentication credentials")
+    return token.strip()
+
+
+def verified_claims(token: str, secret: str) -> dict:
+    try:
+        # The algorithm list is fixed here and never read from the token, so `none` and
+        # algorithm-confusion tokens fail the signature check.
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["exp", "sub"]},
+            leeway=CLOCK_SKEW_LEEWAY,
+        )
+    except jwt.InvalidTokenError:
+        raise unauthorized("Invalid or expired token") from None
+    subject = claims.get("sub")
+    # A NUL cannot be stored in PostgreSQL text; such a subject is not a user of ours.
+    if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
+        raise unauthorized("Invalid or expired token")
+    return claims
+
+
+def current_user_id(request: Request) -> str:
+    """The caller's id; on path-scoped routes it must also be the {user_id} in the path."""
+    claims = verified_claims(bearer_token(request), request.app.state.secret)
+    request.state.email = claims.get("email") if isinstance(claims.get("email"), str) else None
+    path_user_id = request.path_params.get("user_id")
+    if path_user_id is not None and path_user_id != claims["sub"]:
+        raise HTTPException(403, "Forbidden")
+    return claims["sub"]
+
+
+def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=1)) -> str:
+    """An HS256 token as the frontend would send it: for trying the API with curl."""
+    now = datetime.now(timezone.utc)
+    return jwt.encode({"sub": user_id, "iat": now, "exp": now + lifetime}, secret, algorithm="HS256")
+
+
+# ---------------------------------------------------------------------------------------------------
+# SQL. Every statement that reads or changes a task has `user_id = :user_id` in its WHERE clause.
+
+TASK_COLUMNS = "id, user_id, title, description, completed, created_at, updated_at"
+
+INSERT_USER = """
+    INSERT INTO users (id, email, created_at) VALUES (:user_id, :email, :now)
+    ON CONFLICT (id) DO NOTHING
+"""
+
+INSERT_TASK = f"""
+    INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at)
+    VALUES (:id, :user_id, :title, :description, :completed, :now, :now)
+    RETURNING {TASK_COLUMNS}
+"""
+
+SELECT_TASK = f"""
+    SELECT {TASK_COLUMNS} FROM tasks
+    WHERE id = :id AND user_id = :user_id
+"""
+
+# A field is changed only when its set_ flag is true, so one fixed statement serves every PATCH.
+UPDATE_TASK = f"""
+    UPDATE tasks SET
+        title = CASE WHEN :set_title THEN :title ELSE title END,
+        description = CASE WHEN :set_description THEN :description ELSE description END,
+        completed = CASE WHEN :set_completed THEN :completed ELSE completed END,
+        updated_at = :now
+    WHERE id = :id AND user_id = :user_id
+    RETURNING {TASK_COLUMNS}
+"""
+
+TOGGLE_TASK = f"""
+    UPDATE tasks SET completed = NOT completed, updated_at = :now
+    WHERE id = :id AND user_id = :user_id
+    RETURNING {TASK_COLUMNS}
+"""
+
+SET_TASK_COMPLETED = f"""
+    UPDATE tasks SET completed = :completed, updated_at = :now
+    WHERE id = :id AND user_id = :user_id
+    RETURNING {TASK_COLUMNS}
+"""
+
+DELETE_TASK = """
+    DELETE FROM tasks
+    WHERE id = :id AND user_id = :user_id
+    RETURNING id
+"""
+
+# A NULL parameter switches its filter off. The CASTs give PostgreSQL the parameter's type, which
+# `:x IS NULL` alone does not; SQLite accepts them unchanged.
+LIST_FILTER = """
+    WHERE user_id = :user_id
+      AND (CAST(:completed AS BOOLEAN) IS NULL OR completed = :completed)
+      AND (CAST(:pattern AS TEXT) IS NULL
+           OR lower(title) LIKE :pattern ESCAPE '!'
+           OR lower(description) LIKE :pattern ESCAPE '!')
+"""
+
+SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at", "title": "title"}
+SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
+
+# One statement per (sort, order), built here from the fixed names above, never from request text.
+# The window count gives X-Total-Count in the same round trip; ties are broken by id.
+LIST_TASKS = {
+    (sort, order): f"""
+        SELECT {TASK_COLUMNS}, COUNT(*) OVER () AS total_count FROM tasks
+        {LIST_FILTER}
+        ORDER BY {column} {direction}, id {direction}
+        LIMIT :limit OFFSET :offset
+    """
+    for sort, column in SORT_COLUMNS.items()
+    for order, direction in SORT_ORDERS.items()
+}
+
+# Needed only when a page past the end comes back empty and so carries no window count.
+COUNT_TASKS = f"SELECT COUNT(*) FROM tasks {LIST_FILTER}"
+
+# ---------------------------------------------------------------------------------------------------
+# Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
+
+
+def invalid(*errors: tuple) -> HTTPException:
+    """A 422 in FastAPI's shape; each error is (loc, msg, type)."""
+    return HTTPException(
+        422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors]
+    )
+
+
+def reject_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json_body(request: Request, required: bool = True):
+    """The parsed body; None for an empty body where one is optional."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise HTTPException(413, "Request body too large")
+    body = b""
+    async for chunk in request.stream():  # a chunked body has no length to check in advance
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, "Request body too large")
+    if not body.strip() and not required:
+        return None
+    try:
+        return json.loads(body, parse_constant=reject_json_constant)
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
+        raise HTTPException(400, "Invalid JSON body") from None
+
+
+def storable_text(value: str) -> bool:
+    """PostgreSQL text holds neither NUL nor unpaired surrogates; refuse them on both databases."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def text_errors(name: str, value, max_length: int) -> list:
+    loc = ("body", name)
+    if not isinstance(value, str):
+        return [(loc, "Input should be a valid string", "string_type")]
+    if not storable_text(value):
+        return [(loc, "String should not contain NUL characters or unpaired surrogates", "string_unicode")]
+    if len(value) > max_length:
+        return [(loc, f"String should have at most {max_length} characters", "string_too_long")]
+    return []
+
+
+def parse_task_fields(body, partial: bool) -> dict:
+    """The fields of a create (all rules) or an update (only the fields given, at least one)."""
+    if not isinstance(body, dict):
+        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
+    fields, errors = {}, []
+    if "title" in body:
+        title = body["title"].strip() if isinstance(body["title"], str) else body["title"]
+        errors += text_errors("title", title, TITLE_MAX)
+        if title == "":
+            errors.append((("body", "title"), "String should have at least 1 character", "string_too_short"))
+        fields["title"] = title
+    elif not partial:
+        errors.append((("body", "title"), "Field required", "missing"))
+    if "description" in body:
+        if body["description"] is not None:
+            errors += text_errors("description", body["description"], DESCRIPTION_MAX)
+        fields["description"] = body["description"]
+    if "completed" in body:
+        errors += completed_errors(body["completed"])
+        fields["completed"] = body["completed"]
+    if partial and not fields and not errors:
+        errors.append(
+            (("body",), "At least one of title, description, completed is required", "missing")
+        )
+    if errors:
+        raise invalid(*errors)
+    return fields
+
+
+def completed_errors(value) -> list:
+    if type(value) is not bool:  # "true" and 1 are not booleans
+        return [(("body", "completed"), "Input should be a valid boolean", "bool_type")]
+    return []
+
+
+def parse_completed_body(body):
+    """The body of /complete and /toggle: nothing (flip), or {"completed": bool} (set)."""
+    if body is None:
+        return None
+    if not isinstance(body, dict):
+        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
+    if "completed" not in body:
+        return None
+    if errors := completed_errors(body["completed"]):
+        raise invalid(*errors)
+    return body["completed"]
+
+
+def task_id_or_404(request: Request) -> str:
+    """The path's task id in canonical form; an id that is not a UUID names no task."""
+    try:
+        return str(uuid.UUID(request.path_params["task_id"]))
+    except ValueError:
+        raise task_not_found() from None
+
+
+def task_not_found() -> HTTPException:
+    # The same bytes for a missing task and for another user's, so neither can be told apart.
+    return HTTPException(404, "Task not found")
+
+
+def non_negative_int(params, name: str, default: int, low: int, high: int, errors: list) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
+        return int(raw)
+    errors.append((("query", name), f"Input should be a whole number from {low} to {high}", "int_range"))
+    return default
+
+
+def choice(params, name: str, options: tuple, default, errors: list):
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if raw not in options:
+        errors.append((("query", name), f"Input should be one of: {', '.join(options)}", "enum"))
+    return raw
+
+
+def escape_like(text: str) -> str:
+    """Make % and _ match themselves: '!' is the ESCAPE character in LIST_FILTER."""
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def parse_list_query(params) -> dict:
+    errors = []
+    completed = choice(params, "completed", ("true", "false"), None, errors)
+    status = choice(params, "status", ("all", "pending", "completed"), "all", errors)
+    sort = choice(params, "sort", tuple(SORT_COLUMNS), "created_at", errors)
+    order = choice(params, "order", tuple(SORT_ORDERS), "desc", errors)
+    limit = non_negative_int(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
+    offset = non_negative_int(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
+    q = params.get("q", "")
+    if not storable_text(q) or len(q) > TITLE_MAX + DESCRIPTION_MAX:
+        errors.append((("query", "q"), "Search text is too long or not valid text", "string_type"))
+    if errors:
+        raise invalid(*errors)
+    wanted = {"true": True, "false": False}.get(completed)
+    if status != "all":
+        status_wants = status == "completed"
+        # Both filters given and disagreeing: no task can match, and none is returned.
+        wanted = status_wants if wanted in (None, status_wants) else "conflict"
+    return {
+        "statement": LIST_TASKS[(sort, order)],
+        "completed": wanted,
+        "pattern": f"%{escape_like(q.lower())}%" if q else None,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Handlers. Path-scoped routes (/api/{user_id}/...) answer with bare bodies; token-scoped routes
+# (/api/...) wrap them as {"data": ...}. Both run these same handlers and the same SQL.
+
+
+def task_json(row) -> dict:
+    return {
+        "id": row["id"],
+        "user_id": row["user_id"],
+        "title": row["title"],
+        "description": row["description"],
+        "completed": bool(row["completed"]),  # SQLite answers 0 or 1
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def reply(request: Request, body, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
+    if "user_id" not in request.path_params:
+        body = {"data": body}
+    return JSONResponse(body, status_code, headers=headers)
+
+
+async def list_tasks(request: Request) -> Response:
+    user_id = current_user_id(request)
+    query = parse_list_query(request.query_params)
+    database = request.app.state.database
+    if query["completed"] == "conflict":
+        return reply(request, [], headers={"X-Total-Count": "0"})
+    values = {key: query[key] for key in ("completed", "pattern", "limit", "offset")}
+    rows = await database.fetch_all(query["statement"], {"user_id": user_id, **values})
+    if rows:
+        total = rows[0]["total_count"]
+    elif query["offset"]:
+        count_values = {"user_id": user_id, "completed": values["completed"], "pattern": values["pattern"]}
+        total = await database.fetch_val(COUNT_TASKS, count_values)
+    else:
+        total = 0
+    return reply(request, [task_json(row) for row in rows], headers={"X-Total-Count": str(total)})
+
+
+async def create_task(request: Request) -> Response:
+    user_id = current_user_id(request)
+    fields = parse_task_fields(await read_json_body(request), partial=False)
+    database, now = request.app.state.database, utc_now()
+    async with database.transaction():
+        await database.execute(INSERT_USER, {"user_id": user_id, "email": request.state.email, "now": now})
+        row = await database.fetch_one(
+            INSERT_TASK,
+            {
+                "id": str(uuid.uuid4()),
+                "user_id": user_id,
+                "title": fields["title"],
+                "description": fields.get("description"),
+                "completed": fields.get("completed", False),
+                "now": now,
+            },
+        )
+    location = f"{quote(request.url.path)}/{row['id']}"
+    return reply(request, task_json(row), 201, headers={"Location": location})
+
+
+async def get_task(request: Request) -> Response:
+    user_id = current_user_id(request)
+    values = {"id": task_id_or_404(request), "user_id": user_id}
+    row = await request.app.state.database.fetch_one(SELECT_TASK, values)
+    if row is None:
+        raise task_not_found()
+    return reply(request, task_json(row))
+
+
+async def update_task(request: Request) -> Response:
+    user_id = current_user_id(request)
+    task_id = task_id_or_404(request)
+    fields = parse_task_fields(await read_json_body(request), partial=True)
+    values = {"id": task_id, "user_id": user_id, "now": utc_now()}
+    for name in ("title", "description", "completed"):
+        values[f"set_{name}"] = name in fields
+        values[name] = fields.get(name)
+    row = await request.app.state.database.fetch_one(UPDATE_TASK, values)
+    if row is None:
+        raise task_not_found()
+    return reply(request, task_json(row))
+
+
+async def complete_task(request: Request) -> Response:
+    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}."""
+    user_id = current_user_id(request)
+    task_id = task_id_or_404(request)
+    completed = parse_completed_body(await read_json_body(request, required=False))
+    values = {"id": task_id, "user_id": user_id, "now": utc_now()}
+    if completed is None:
+        row = await request.app.state.database.fetch_one(TOGGLE_TASK, values)
+    else:
+        row = await request.app.state.database.fetch_one(SET_TASK_COMPLETED, {**values, "completed": completed})
+    if row is None:
+        raise task_not_found()
+    return reply(request, task_json(row))
+
+
+async def delete_task(request: Request) -> Response:
+    user_id = current_user_id(request)
+    values = {"id": task_id_or_404(request), "user_id": user_id}
+    if await request.app.state.database.fetch_one(DELETE_TASK, values) is None:
+        raise task_not_found()
+    return Response(status_code=204)
+
+
+async def health(request: Request) -> Response:
+    try:
+        await request.app.state.database.fetch_val("SELECT 1")
+    except Exception:
+        log.warning("health check: database did not answer", exc_info=True)
+        return JSONResponse({"status": "unavailable", "database": "unavailable"}, 503)
+    return JSONResponse({"status": "ok", "database": "ok"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: every error body is JSON with a `detail` key, and a 500 never shows internals.
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "Internal server error"}, 500)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routes and app
+
+
+def task_routes(prefix: str) -> list:
+    """One route family; `prefix` is "/api/{user_id}" (path-scoped) or "/api" (token-scoped)."""
+    return [
+        Route(f"{prefix}/tasks", list_tasks, methods=["GET"]),
+        Route(f"{prefix}/tasks", create_task, methods=["POST"]),
+        Route(f"{prefix}/tasks/{{task_id}}", get_task, methods=["GET"]),
+        Route(f"{prefix}/tasks/{{task_id}}", update_task, methods=["PUT", "PATCH"]),
+        Route(f"{prefix}/tasks/{{task_id}}", delete_task, methods=["DELETE"]),
+        Route(f"{prefix}/tasks/{{task_id}}/complete", complete_task, methods=["PATCH"]),
+        Route(f"{prefix}/tasks/{{task_id}}/toggle", complete_task, methods=["PATCH"]),
+    ]
+
+
+# Token-scoped first: its fixed segments are the more specific match ("/api/tasks/{task_id}"
+# would otherwise be read as the path-scoped list of a user called "tasks").
+routes = [
+    Route("/health", health, methods=["GET"]),
+    *task_routes("/api"),
+    *task_routes("/api/{user_id}"),
+]
+
+
+def create_app(database_url: str = DATABASE_URL, secret: str = BETTER_AUTH_SECRET) -> Starlette:
+    database = open_database(database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        await database.connect()
+        try:
+            await apply_schema(database)
+            yield
+        finally:
+            await database.disconnect()
+
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(CORS_ORIGINS),
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=["Location", "X-Total-Count"],
+                max_age=600,
+            )
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.database = database
+    app.state.secret = secret
+    return app
+
+
+app = create_app()
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["token"] and len(sys.argv) == 3:
+        print(mint_token(sys.argv[2], BETTER_AUTH_SECRET))
+    elif len(sys.argv) == 1:
+        import uvicorn
+
+        uvicorn.run(app, host="127.0.0.1", port=PORT)
+    else:
+        sys.exit("usage: python service.py            serve the API on 127.0.0.1:$PORT\n"
+                 "       python service.py token ID   print a one-hour token for user ID")

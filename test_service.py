@@ -1,0 +1,958 @@
+"""The task service's specification, as tests over HTTP.
+
+Every test that takes the `client` fixture runs twice: on SQLite and on a real PostgreSQL, which
+comes from TEST_DATABASE_URL or is started here from the machine's PostgreSQL binaries.
+Under CI=true a missing PostgreSQL fails the run instead of skipping it.
+"""
+
+import ast
+import glob
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+SECRET = "test-secret-for-the-suite-only-" + "0123456789abcdef" * 3  # 79 bytes: long enough for HS512 too
+os.environ["BETTER_AUTH_SECRET"] = SECRET  # read when service.py is imported
+import service  # noqa: E402
+
+HERE = Path(__file__).parent
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="session")
+def anyio_backend():
+    return "asyncio"
+
+
+# ---------------------------------------------------------------------------------------------------
+# PostgreSQL: the caller's TEST_DATABASE_URL, or a throwaway server started from the local binaries.
+
+
+def postgres_bindir() -> str | None:
+    if pg_config := shutil.which("pg_config"):
+        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
+        if os.path.exists(os.path.join(bindir, "initdb")):
+            return bindir
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return os.path.dirname(candidates[-1]) if candidates else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_postgres():
+    """(url, stop) for a new server in a temporary directory; raises RuntimeError if it cannot."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise RuntimeError("no PostgreSQL binaries (initdb) found; install Debian's postgresql package")
+    # PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    directory = tempfile.mkdtemp(prefix="tasks-pg-")
+    if as_owner:
+        shutil.chown(directory, "postgres")
+    data, port = os.path.join(directory, "data"), free_port()
+
+    def pg(*args):
+        result = subprocess.run(as_owner + [os.path.join(bindir, args[0]), *args[1:]], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
+
+    pg("initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+    options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    pg("pg_ctl", "-D", data, "-o", options, "-l", os.path.join(directory, "log"), "-w", "start")
+
+    def stop():
+        pg("pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(directory, ignore_errors=True)
+
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    if os.environ.get("TEST_DATABASE_URL"):
+        yield os.environ["TEST_DATABASE_URL"]
+        return
+    try:
+        url, stop = start_postgres()
+    except (RuntimeError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs a real PostgreSQL and could not start one: {exc}")
+        pytest.skip(f"no PostgreSQL (set TEST_DATABASE_URL or install postgresql): {exc}")
+    yield url
+    stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/tasks.db"
+    return request.getfixturevalue("postgres_url")
+
+
+def asgi_client(app) -> httpx.AsyncClient:
+    # raise_app_exceptions=False: a client sees the 500 response, as it would over the network.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.fixture
+async def client(database_url):
+    """An HTTP client on a started app with empty tables; `client.database` is the app's database."""
+    app = service.create_app(database_url, SECRET)
+    async with app.router.lifespan_context(app):
+        await app.state.database.execute("DELETE FROM tasks")
+        await app.state.database.execute("DELETE FROM users")
+        async with asgi_client(app) as http:
+            http.database = app.state.database
+            http.app = app
+            yield http
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokens and the two route families
+
+
+def make_token(sub="alice", secret=SECRET, algorithm="HS256", expires_in=3600, **claims) -> str:
+    now = datetime.now(timezone.utc)
+    payload = {"sub": sub, "iat": now, "exp": now + timedelta(seconds=expires_in), **claims}
+    return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=algorithm)
+
+
+def auth(user="alice", **claims) -> dict:
+    return {"Authorization": f"Bearer {make_token(user, **claims)}"}
+
+
+class Family:
+    """Path-scoped (/api/{user_id}/tasks, bare bodies) or token-scoped (/api/tasks, {"data": ...})."""
+
+    def __init__(self, scoped_by_path: bool):
+        self.scoped_by_path = scoped_by_path
+
+    def __repr__(self):
+        return "path" if self.scoped_by_path else "token"
+
+    def tasks(self, user: str) -> str:
+        return f"/api/{user}/tasks" if self.scoped_by_path else "/api/tasks"
+
+    def task(self, user: str, task_id: str, action: str = "") -> str:
+        return f"{self.tasks(user)}/{task_id}" + (f"/{action}" if action else "")
+
+    def data(self, response: httpx.Response):
+        body = response.json()
+        if self.scoped_by_path:
+            return body
+        assert list(body) == ["data"], body
+        return body["data"]
+
+
+PATH, TOKEN = Family(True), Family(False)
+
+
+@pytest.fixture(params=[PATH, TOKEN], ids=repr)
+def family(request):
+    return request.param
+
+
+async def create(client, user="alice", family=PATH, **fields) -> dict:
+    fields.setdefault("title", "A task")
+    response = await client.post(family.tasks(user), json=fields, headers=auth(user))
+    assert response.status_code == 201, response.text
+    return family.data(response)
+
+
+async def task_rows(client, user: str) -> list[dict]:
+    rows = await client.database.fetch_all(
+        "SELECT id, user_id, title, description, completed, created_at, updated_at "
+        "FROM tasks WHERE user_id = :user_id ORDER BY id",
+        {"user_id": user},
+    )
+    return [{**dict(row._mapping), "completed": bool(row["completed"])} for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Health
+
+
+async def test_health_reports_the_database(client):
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "database": "ok"}
+
+
+async def test_health_is_503_when_the_database_does_not_answer(client, monkeypatch):
+    async def no_answer(*args, **kwargs):
+        raise ConnectionRefusedError("database down")
+
+    monkeypatch.setattr(client.database, "fetch_val", no_answer)
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Create, read, update, delete: both families
+
+
+async def test_create_returns_201_the_task_and_its_location(client, family):
+    response = await client.post(
+        family.tasks("alice"), json={"title": "  Buy milk  ", "description": "2 litres"}, headers=auth()
+    )
+    assert response.status_code == 201
+    task = family.data(response)
+    assert uuid.UUID(task["id"]).version == 4
+    assert task == {
+        "id": task["id"],
+        "user_id": "alice",
+        "title": "Buy milk",
+        "description": "2 litres",
+        "completed": False,
+        "created_at": task["created_at"],
+        "updated_at": task["created_at"],
+    }
+    assert TIMESTAMP.match(task["created_at"])
+    assert response.headers["location"] == family.task("alice", task["id"])
+    assert await task_rows(client, "alice") == [task]
+
+
+async def test_create_ignores_server_owned_fields(client, family):
+    sent = {
+        "title": "Mine",
+        "id": "00000000-0000-4000-8000-000000000000",
+        "user_id": "mallory",
+        "created_at": "2000-01-01T00:00:00.000000Z",
+        "updated_at": "2000-01-01T00:00:00.000000Z",
+    }
+    task = family.data(await client.post(family.tasks("alice"), json=sent, headers=auth()))
+    assert task["id"] != sent["id"]
+    assert task["user_id"] == "alice"
+    assert task["created_at"] != sent["created_at"] and task["updated_at"] != sent["updated_at"]
+    assert await task_rows(client, "mallory") == []
+
+
+async def test_first_task_creates_the_user_row_with_the_token_email(client):
+    await client.post("/api/tasks", json={"title": "x"}, headers=auth("alice", email="alice@example.com"))
+    await client.post("/api/tasks", json={"title": "y"}, headers=auth("alice", email="changed@example.com"))
+    await client.post("/api/tasks", json={"title": "z"}, headers=auth("bob"))
+    users = await client.database.fetch_all("SELECT id, email FROM users ORDER BY id")
+    assert [(row["id"], row["email"]) for row in users] == [("alice", "alice@example.com"), ("bob", None)]
+
+
+async def test_get_returns_the_task(client, family):
+    task = await create(client, family=family, description="details")
+    response = await client.get(family.task("alice", task["id"]), headers=auth())
+    assert response.status_code == 200
+    assert family.data(response) == task
+
+
+async def test_get_accepts_an_uppercase_id(client):
+    task = await create(client)
+    response = await client.get(f"/api/tasks/{task['id'].upper()}", headers=auth())
+    assert response.status_code == 200 and response.json()["data"]["id"] == task["id"]
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"title": "  Renamed  "},
+        {"description": "new words"},
+        {"description": None},
+        {"completed": True},
+        {"title": "All", "description": "of", "completed": True},
+    ],
+    ids=["title", "description", "description-null", "completed", "all"],
+)
+async def test_update_changes_only_the_fields_given(client, family, method, change):
+    task = await create(client, family=family, title="Original", description="old words")
+    response = await client.request(method, family.task("alice", task["id"]), json=change, headers=auth())
+    assert response.status_code == 200
+    updated = family.data(response)
+    expected = {**task, **change, "updated_at": updated["updated_at"]}
+    if "title" in change:
+        expected["title"] = change["title"].strip()
+    assert updated == expected
+    assert updated["updated_at"] > task["updated_at"]
+    assert await task_rows(client, "alice") == [updated]
+
+
+async def test_delete_returns_204_and_removes_the_task(client, family):
+    task = await create(client, family=family)
+    kept = await create(client, family=family, title="kept")
+    response = await client.delete(family.task("alice", task["id"]), headers=auth())
+    assert response.status_code == 204
+    assert response.content == b""
+    assert await task_rows(client, "alice") == [kept]
+    again = await client.delete(family.task("alice", task["id"]), headers=auth())
+    assert again.status_code == 404
+
+
+@pytest.mark.parametrize("action", ["complete", "toggle"])
+async def test_complete_and_toggle_flip_completed(client, family, action):
+    task = await create(client, family=family)
+    url = family.task("alice", task["id"], action)
+    first = await client.patch(url, headers=auth())
+    second = await client.patch(url, headers=auth())
+    assert first.status_code == second.status_code == 200
+    assert family.data(first)["completed"] is True
+    assert family.data(second)["completed"] is False
+    assert family.data(first)["updated_at"] > task["updated_at"]
+    assert (await task_rows(client, "alice"))[0]["completed"] is False
+
+
+@pytest.mark.parametrize("action", ["complete", "toggle"])
+@pytest.mark.parametrize("body", [{"completed": True}, {"completed": False}])
+async def test_complete_with_a_body_sets_completed(client, family, action, body):
+    task = await create(client, family=family, completed=True)
+    url = family.task("alice", task["id"], action)
+    for _ in range(2):  # setting is idempotent, unlike flipping
+        response = await client.patch(url, json=body, headers=auth())
+        assert response.status_code == 200
+        assert family.data(response)["completed"] is body["completed"]
+    assert (await task_rows(client, "alice"))[0]["completed"] is body["completed"]
+
+
+async def test_complete_with_an_empty_object_flips(client):
+    task = await create(client)
+    response = await client.patch(f"/api/tasks/{task['id']}/complete", json={}, headers=auth())
+    assert response.json()["data"]["completed"] is True
+
+
+@pytest.mark.parametrize(
+    "body, loc, kind",
+    [
+        ({"completed": "true"}, ["body", "completed"], "bool_type"),
+        ({"completed": 1}, ["body", "completed"], "bool_type"),
+        ({"completed": None}, ["body", "completed"], "bool_type"),
+        ([True], ["body"], "model_attributes_type"),
+    ],
+)
+async def test_complete_rejects_a_body_that_is_not_a_boolean(client, body, loc, kind):
+    task = await create(client)
+    response = await client.patch(f"/api/tasks/{task['id']}/complete", json=body, headers=auth())
+    assert response.status_code == 422
+    assert [(e["loc"], e["type"]) for e in response.json()["detail"]] == [(loc, kind)]
+    assert await task_rows(client, "alice") == [task]
+
+
+async def test_timestamps_are_utc_with_microseconds_and_created_at_never_changes(client):
+    task = await create(client)
+    updated = (await client.patch(f"/api/tasks/{task['id']}", json={"title": "b"}, headers=auth())).json()["data"]
+    assert TIMESTAMP.match(updated["created_at"]) and TIMESTAMP.match(updated["updated_at"])
+    assert updated["created_at"] == task["created_at"]
+    assert updated["updated_at"] > task["updated_at"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: 400, 413, 422 in the contract's shapes, and nothing changes
+
+
+@pytest.mark.parametrize(
+    "body, loc, kind",
+    [
+        ({}, ["body", "title"], "missing"),
+        ({"title": ""}, ["body", "title"], "string_too_short"),
+        ({"title": "   \t\n "}, ["body", "title"], "string_too_short"),
+        ({"title": "x" * 201}, ["body", "title"], "string_too_long"),
+        ({"title": None}, ["body", "title"], "string_type"),
+        ({"title": 5}, ["body", "title"], "string_type"),
+        ({"title": ["a"]}, ["body", "title"], "string_type"),
+        ({"title": "nul\u0000byte"}, ["body", "title"], "string_unicode"),
+        ({"title": "ok", "description": "x" * 1001}, ["body", "description"], "string_too_long"),
+        ({"title": "ok", "description": 7}, ["body", "description"], "string_type"),
+        ({"title": "ok", "completed": "true"}, ["body", "completed"], "bool_type"),
+        ({"title": "ok", "completed": 1}, ["body", "completed"], "bool_type"),
+        ({"title": "ok", "completed": None}, ["body", "completed"], "bool_type"),
+        ([{"title": "ok"}], ["body"], "model_attributes_type"),
+        ("a string", ["body"], "model_attributes_type"),
+        (None, ["body"], "model_attributes_type"),
+    ],
+)
+async def test_create_rejects_invalid_fields_with_422(client, family, body, loc, kind):
+    response = await client.post(family.tasks("alice"), content=json.dumps(body), headers=auth())
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [(e["loc"], e["type"]) for e in errors] == [(loc, kind)]
+    assert all(isinstance(e["msg"], str) and e["msg"] for e in errors)
+    assert await task_rows(client, "alice") == []
+
+
+async def test_create_reports_every_invalid_field(client):
+    body = {"title": "", "description": 3, "completed": "no"}
+    response = await client.post("/api/tasks", json=body, headers=auth())
+    assert response.status_code == 422
+    locs = [e["loc"] for e in response.json()["detail"]]
+    assert sorted(locs) == [["body", "completed"], ["body", "description"], ["body", "title"]]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"title": "x" * 200},
+        {"title": " " + "x" * 200 + " "},  # trimmed first, then measured
+        {"title": "é" * 200},  # characters, not bytes
+        {"title": "t", "description": "x" * 1000},
+        {"title": "t", "description": ""},
+        {"title": "emoji 🦀 and 中文"},
+    ],
+    ids=["title-200", "title-200-after-trim", "title-200-multibyte", "description-1000", "description-empty", "unicode"],
+)
+async def test_create_accepts_boundary_values(client, fields):
+    task = await create(client, **fields)
+    assert task["title"] == fields["title"].strip()
+    assert (await task_rows(client, "alice"))[0]["title"] == fields["title"].strip()
+
+
+async def test_create_rejects_an_unpaired_surrogate(client):
+    response = await client.post("/api/tasks", content=b'{"title": "\\ud800"}', headers=auth())
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "string_unicode"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"{", b"not json", b'{"title": NaN}', b'{"title": "x",}', b"\xff\xfe\x00", b"[" * 50_000],
+    ids=["empty", "truncated", "text", "nan", "trailing-comma", "binary", "deeply-nested"],
+)
+async def test_a_body_that_is_not_json_is_400(client, family, body):
+    response = await client.post(family.tasks("alice"), content=body, headers=auth())
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Invalid JSON body"}
+    assert await task_rows(client, "alice") == []
+
+
+async def test_a_body_over_64_kib_is_413(client):
+    body = json.dumps({"title": "t", "description": "x" * (64 * 1024)})
+    response = await client.post("/api/tasks", content=body, headers=auth())
+    assert response.status_code == 413
+    assert "detail" in response.json()
+    assert await task_rows(client, "alice") == []
+
+
+async def test_a_chunked_body_over_64_kib_is_413(client):
+    async def chunks():
+        for _ in range(65):
+            yield b" " * 1024
+
+    response = await client.post("/api/tasks", content=chunks(), headers=auth())
+    assert response.status_code == 413
+    assert await task_rows(client, "alice") == []
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+@pytest.mark.parametrize(
+    "body, loc, kind",
+    [
+        ({}, ["body"], "missing"),
+        ({"unknown": 1}, ["body"], "missing"),
+        ({"title": ""}, ["body", "title"], "string_too_short"),
+        ({"title": None}, ["body", "title"], "string_type"),
+        ({"title": "x" * 201}, ["body", "title"], "string_too_long"),
+        ({"description": "x" * 1001}, ["body", "description"], "string_too_long"),
+        ({"completed": "false"}, ["body", "completed"], "bool_type"),
+        ({"title": "valid", "completed": 0}, ["body", "completed"], "bool_type"),
+        ([], ["body"], "model_attributes_type"),
+    ],
+)
+async def test_update_rejects_invalid_fields_and_changes_nothing(client, family, method, body, loc, kind):
+    task = await create(client, family=family)
+    response = await client.request(method, family.task("alice", task["id"]), json=body, headers=auth())
+    assert response.status_code == 422
+    assert [(e["loc"], e["type"]) for e in response.json()["detail"]] == [(loc, kind)]
+    assert await task_rows(client, "alice") == [task]
+
+
+async def test_update_with_a_body_that_is_not_json_is_400(client):
+    task = await create(client)
+    response = await client.patch(f"/api/tasks/{task['id']}", content=b"{oops", headers=auth())
+    assert response.status_code == 400
+    assert response.json() == {"detail": "Invalid JSON body"}
+    assert await task_rows(client, "alice") == [task]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Not found, unknown routes, wrong methods, unexpected errors
+
+
+def task_routes(family: Family, user: str, task_id: str) -> list[tuple[str, str, dict | None]]:
+    """Every route that names one task: (method, url, json body)."""
+    return [
+        ("GET", family.task(user, task_id), None),
+        ("PUT", family.task(user, task_id), {"title": "taken"}),
+        ("PATCH", family.task(user, task_id), {"completed": True}),
+        ("DELETE", family.task(user, task_id), None),
+        ("PATCH", family.task(user, task_id, "complete"), None),
+        ("PATCH", family.task(user, task_id, "toggle"), {"completed": True}),
+    ]
+
+
+@pytest.mark.parametrize("missing_id", ["7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10", "not-a-uuid", "1", "%00"])
+async def test_a_missing_task_is_404_on_every_route(client, family, missing_id):
+    for method, url, body in task_routes(family, "alice", missing_id):
+        response = await client.request(method, url, json=body, headers=auth())
+        assert response.status_code == 404, (method, url)
+        assert response.content == b'{"detail":"Task not found"}'
+
+
+async def test_unknown_route_is_404_json(client):
+    response = await client.get("/api/alice/nothing/here", headers=auth())
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found"}
+
+
+@pytest.mark.parametrize(
+    "method, url",
+    [("DELETE", "/api/tasks"), ("POST", "/api/alice/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10"),
+     ("GET", "/api/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10/toggle"), ("POST", "/health")],
+)
+async def test_wrong_method_is_405_json_with_allow(client, method, url):
+    response = await client.request(method, url, headers=auth())
+    assert response.status_code == 405
+    assert response.json() == {"detail": "Method Not Allowed"}
+    assert response.headers["allow"]
+
+
+async def test_an_unexpected_error_is_a_bare_500(client, monkeypatch, caplog):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("internal detail: connection string postgres://secret")
+
+    monkeypatch.setattr(client.database, "fetch_all", broken)
+    response = await client.get("/api/tasks", headers=auth())
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error"}
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert "RuntimeError" in caplog.text  # logged for the operator
+
+
+async def test_a_failed_create_leaves_nothing_half_written(client, monkeypatch):
+    # The user row is written first; a task insert that fails must take it back with it.
+    monkeypatch.setattr(service, "INSERT_TASK", "INSERT INTO no_such_table (id) VALUES (:id)")
+    response = await client.post("/api/tasks", json={"title": "t"}, headers=auth("newcomer"))
+    assert response.status_code == 500
+    assert await client.database.fetch_all("SELECT id FROM users WHERE id = 'newcomer'") == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication: every failure is 401 with WWW-Authenticate: Bearer
+
+MISSING = "Missing authentication credentials"
+INVALID = "Invalid or expired token"
+ANOTHER_KEY = "another-secret-that-is-long-enough-0123456789"
+
+
+def unsigned_token(**payload) -> str:
+    return jwt.encode(payload, None, algorithm="none")
+
+
+BAD_CREDENTIALS = [
+    ("no-header", None, MISSING),
+    ("basic-scheme", "Basic YWxpY2U6cGFzcw==", MISSING),
+    ("bearer-without-token", "Bearer ", MISSING),
+    ("token-without-scheme", make_token(), MISSING),
+    ("malformed", "Bearer not-a-jwt", INVALID),
+    ("wrong-secret", "Bearer " + make_token(secret=ANOTHER_KEY), INVALID),
+    ("expired", "Bearer " + make_token(expires_in=-120), INVALID),
+    ("not-yet-valid", "Bearer " + make_token(nbf=datetime.now(timezone.utc) + timedelta(minutes=5)), INVALID),
+    ("no-exp", "Bearer " + jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), INVALID),
+    ("alg-none", "Bearer " + unsigned_token(sub="alice", exp=4102444800), INVALID),
+    ("alg-HS512", "Bearer " + make_token(algorithm="HS512"), INVALID),
+    ("no-sub", "Bearer " + make_token(sub=None), INVALID),
+    ("empty-sub", "Bearer " + make_token(sub=""), INVALID),
+    ("blank-sub", "Bearer " + make_token(sub="  "), INVALID),
+    ("numeric-sub", "Bearer " + make_token(sub=42), INVALID),
+    ("nul-in-sub", "Bearer " + make_token(sub="ali\u0000ce"), INVALID),
+    ("tampered-payload", None, INVALID),
+]
+
+
+def tampered_token() -> str:
+    header, payload, signature = make_token("alice").split(".")
+    forged = jwt.utils.base64url_encode(json.dumps({"sub": "bob", "exp": 4102444800}).encode()).decode()
+    return f"Bearer {header}.{forged}.{signature}"
+
+
+@pytest.mark.parametrize("name, header, detail", BAD_CREDENTIALS, ids=[case[0] for case in BAD_CREDENTIALS])
+async def test_bad_credentials_are_401(client, family, name, header, detail):
+    if name == "tampered-payload":
+        header = tampered_token()
+    headers = {} if header is None else {"Authorization": header}
+    for method, url, body in [("GET", family.tasks("alice"), None), ("POST", family.tasks("alice"), {"title": "t"})]:
+        response = await client.request(method, url, json=body, headers=headers)
+        assert response.status_code == 401
+        assert response.json() == {"detail": detail}
+        assert response.headers["www-authenticate"] == "Bearer"
+        if header:
+            assert header.split()[-1] not in response.text  # the token is never echoed
+    assert await client.database.fetch_all("SELECT id FROM tasks") == []
+
+
+async def test_every_api_route_needs_a_token(client, family):
+    task = await create(client, family=family)
+    routes = [("GET", family.tasks("alice"), None), ("POST", family.tasks("alice"), {"title": "x"})]
+    for method, url, body in routes + task_routes(family, "alice", task["id"]):
+        response = await client.request(method, url, json=body)
+        assert response.status_code == 401, (method, url)
+        assert response.headers["www-authenticate"] == "Bearer"
+    assert await task_rows(client, "alice") == [task]
+
+
+async def test_scheme_is_case_insensitive(client):
+    response = await client.get("/api/tasks", headers={"Authorization": "bearer " + make_token()})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("seconds_past_expiry, status", [(20, 200), (45, 401)])
+async def test_clock_skew_leeway_is_30_seconds(client, seconds_past_expiry, status):
+    response = await client.get("/api/tasks", headers=auth(expires_in=-seconds_past_expiry))
+    assert response.status_code == status
+
+
+# ---------------------------------------------------------------------------------------------------
+# Isolation: two users, every route, both families
+
+
+async def test_path_user_must_be_the_token_subject(client):
+    alice_task = await create(client, "alice")
+    routes = [("GET", PATH.tasks("alice"), None), ("POST", PATH.tasks("alice"), {"title": "planted"})]
+    for method, url, body in routes + task_routes(PATH, "alice", alice_task["id"]):
+        response = await client.request(method, url, json=body, headers=auth("bob"))
+        assert response.status_code == 403, (method, url)
+        assert response.json() == {"detail": "Forbidden"}
+    assert await task_rows(client, "alice") == [alice_task]
+    assert await task_rows(client, "bob") == []
+
+
+async def test_forbidden_comes_before_any_database_work(client, monkeypatch):
+    async def untouchable(*args, **kwargs):
+        raise AssertionError("the database was touched")
+
+    for method in ("fetch_all", "fetch_one", "fetch_val", "execute", "transaction"):
+        monkeypatch.setattr(client.database, method, untouchable)
+    for method, url, body in [("GET", "/api/alice/tasks", None), ("POST", "/api/alice/tasks", {"title": "x"})]:
+        response = await client.request(method, url, json=body, headers=auth("bob"))
+        assert response.status_code == 403
+
+
+async def test_another_users_task_is_indistinguishable_from_a_missing_one(client, family):
+    alice_task = await create(client, "alice", family=family, title="Alice's")
+    await create(client, "bob", family=family, title="Bob's")
+    missing = str(uuid.uuid4())
+    for (method, url, body), (_, missing_url, _) in zip(
+        task_routes(family, "bob", alice_task["id"]), task_routes(family, "bob", missing)
+    ):
+        response = await client.request(method, url, json=body, headers=auth("bob"))
+        control = await client.request(method, missing_url, json=body, headers=auth("bob"))
+        assert response.status_code == 404, (method, url)
+        assert response.content == control.content == b'{"detail":"Task not found"}'
+        assert response.headers == control.headers
+    assert await task_rows(client, "alice") == [alice_task]
+
+
+async def test_lists_show_only_the_callers_tasks(client, family):
+    alice_tasks = [await create(client, "alice", family=family, title=f"a{i}") for i in range(3)]
+    bob_task = await create(client, "bob", family=family, title="b")
+    alice = await client.get(family.tasks("alice"), headers=auth("alice"))
+    bob = await client.get(family.tasks("bob"), headers=auth("bob"))
+    assert {t["id"] for t in family.data(alice)} == {t["id"] for t in alice_tasks}
+    assert family.data(bob) == [bob_task]
+    assert alice.headers["x-total-count"] == "3" and bob.headers["x-total-count"] == "1"
+
+
+async def test_every_statement_on_tasks_is_scoped_by_user_id():
+    """Reads service.py: SQL runs only from named constants, and each one on `tasks` names its user."""
+    tree = ast.parse((HERE / "service.py").read_text())
+    database_calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
+    ]
+    assert len(database_calls) >= 8
+    for call in database_calls:
+        statement = call.args[0]
+        assert not isinstance(statement, (ast.JoinedStr, ast.BinOp)), ast.unparse(call)
+        if isinstance(statement, ast.Constant):
+            assert "tasks" not in statement.value, ast.unparse(call)
+
+    statements = []
+    for value in vars(service).values():
+        for text in value.values() if isinstance(value, dict) else [value]:
+            if isinstance(text, str) and re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", text):
+                statements.append(" ".join(text.split()))
+    on_tasks = [s for s in statements if re.search(r"\b(FROM|INTO|UPDATE) tasks\b", s)]
+    assert len(on_tasks) >= 12  # list (6 sort orders), count, insert, select, update, toggle, set, delete
+    for statement in on_tasks:
+        if statement.startswith("INSERT"):
+            assert ":user_id" in statement, statement
+        else:
+            where = statement.split(" WHERE ", 1)
+            assert len(where) == 2 and re.match(r"(id = :id AND )?user_id = :user_id\b", where[1]), statement
+
+
+# ---------------------------------------------------------------------------------------------------
+# Listing: filters, search, sorting, paging
+
+
+async def seed(client, titles_and_states) -> list[dict]:
+    return [await create(client, title=title, completed=done) for title, done in titles_and_states]
+
+
+async def listing(client, family=TOKEN, user="alice", **params):
+    response = await client.get(family.tasks(user), params=params, headers=auth(user))
+    assert response.status_code == 200, response.text
+    return family.data(response), int(response.headers["x-total-count"])
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({}, ["c", "b", "a"]),
+        ({"completed": "true"}, ["b"]),
+        ({"completed": "false"}, ["c", "a"]),
+        ({"status": "all"}, ["c", "b", "a"]),
+        ({"status": "completed"}, ["b"]),
+        ({"status": "pending"}, ["c", "a"]),
+        ({"status": "pending", "completed": "false"}, ["c", "a"]),
+        ({"status": "pending", "completed": "true"}, []),
+    ],
+)
+async def test_list_filters_by_completion(client, family, params, expected):
+    await seed(client, [("a", False), ("b", True), ("c", False)])
+    tasks, total = await listing(client, family, **params)
+    assert [t["title"] for t in tasks] == expected
+    assert total == len(expected)
+
+
+@pytest.mark.parametrize(
+    "q, expected",
+    [
+        ("milk", ["Buy MILK", "milkshake"]),
+        ("MiLk", ["Buy MILK", "milkshake"]),
+        ("100%", ["100% done"]),
+        ("%", ["100% done"]),
+        ("_", ["snake_case"]),
+        ("e_c", ["snake_case"]),
+        ("!", ["wow!"]),
+        ("in the notes", ["plain"]),
+        ("nothing matches", []),
+    ],
+)
+async def test_list_searches_title_and_description_literally(client, q, expected):
+    for title, description in [("Buy MILK", None), ("milkshake", None), ("100% done", None),
+                               ("snake_case", None), ("wow!", None), ("plain", "It is IN THE NOTES")]:
+        await create(client, title=title, description=description)
+    tasks, total = await listing(client, q=q, sort="title", order="asc")
+    assert [t["title"] for t in tasks] == sorted(expected)
+    assert total == len(expected)
+
+
+@pytest.mark.parametrize("sort", ["created_at", "updated_at", "title"])
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_list_sorts(client, family, sort, order):
+    created = await seed(client, [("charlie", False), ("alpha", False), ("bravo", False)])
+    # Touch the first so updated_at order differs from created_at order.
+    await client.patch(f"/api/tasks/{created[0]['id']}", json={"description": "touched"}, headers=auth())
+    tasks, _ = await listing(client, family, sort=sort, order=order)
+    expected = {
+        "created_at": ["charlie", "alpha", "bravo"],
+        "updated_at": ["alpha", "bravo", "charlie"],
+        "title": ["alpha", "bravo", "charlie"],
+    }[sort]
+    assert [t["title"] for t in tasks] == (expected if order == "asc" else expected[::-1])
+
+
+async def test_list_default_order_is_newest_first(client):
+    created = await seed(client, [("first", False), ("second", False)])
+    tasks, _ = await listing(client)
+    assert [t["id"] for t in tasks] == [created[1]["id"], created[0]["id"]]
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_paging_never_repeats_or_skips_even_with_ties(client, order):
+    await seed(client, [(f"same title {i % 3}", False) for i in range(11)])
+    # Give several tasks the same created_at, so only the id can order them.
+    await client.database.execute(
+        "UPDATE tasks SET created_at = '2026-01-01T00:00:00.000000Z' WHERE user_id = 'alice' AND title = 'same title 0'"
+    )
+    everything, total = await listing(client, sort="created_at", order=order, limit=1000)
+    pages = []
+    for offset in range(0, 11, 3):
+        page, page_total = await listing(client, sort="created_at", order=order, limit=3, offset=offset)
+        assert page_total == total == 11
+        pages += page
+    assert [t["id"] for t in pages] == [t["id"] for t in everything]
+    assert len({t["id"] for t in pages}) == 11
+
+
+async def test_list_limit_and_offset(client):
+    await seed(client, [(str(i), False) for i in range(5)])
+    default_page, total = await listing(client)
+    assert len(default_page) == total == 5
+    page, total = await listing(client, limit=2, offset=1, sort="title", order="asc")
+    assert [t["title"] for t in page] == ["1", "2"] and total == 5
+    past_the_end, total = await listing(client, offset=10)
+    assert past_the_end == [] and total == 5
+
+
+async def test_list_of_a_user_with_no_tasks_is_empty(client, family):
+    tasks, total = await listing(client, family, user="nobody")
+    assert tasks == [] and total == 0
+
+
+async def test_list_default_limit_is_100(client):
+    now = service.utc_now()
+    await client.database.execute(service.INSERT_USER, {"user_id": "alice", "email": None, "now": now})
+    for i in range(101):
+        await client.database.execute(
+            "INSERT INTO tasks (id, user_id, title, completed, created_at, updated_at) "
+            "VALUES (:id, 'alice', :title, FALSE, :now, :now)",
+            {"id": str(uuid.uuid4()), "title": f"t{i}", "now": now},
+        )
+    tasks, total = await listing(client)
+    assert len(tasks) == 100 and total == 101
+    tasks, _ = await listing(client, limit=1000)
+    assert len(tasks) == 101
+
+
+@pytest.mark.parametrize(
+    "params, loc",
+    [
+        ({"completed": "yes"}, "completed"),
+        ({"completed": "1"}, "completed"),
+        ({"status": "done"}, "status"),
+        ({"sort": "user_id"}, "sort"),
+        ({"sort": "title; DROP TABLE tasks"}, "sort"),
+        ({"order": "sideways"}, "order"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "1001"}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"limit": "²"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+        ({"offset": "1.5"}, "offset"),
+        ({"offset": str(2**63)}, "offset"),
+        ({"q": "x" * 1201}, "q"),
+        ({"q": "nul\u0000"}, "q"),
+    ],
+)
+async def test_list_rejects_invalid_query_parameters_with_422(client, family, params, loc):
+    response = await client.get(family.tasks("alice"), params=params, headers=auth())
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [["query", loc]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Persistence and the schema
+
+
+async def test_data_survives_a_restart_of_the_app(database_url):
+    first = service.create_app(database_url, SECRET)
+    async with first.router.lifespan_context(first):
+        await first.state.database.execute("DELETE FROM users")
+        async with asgi_client(first) as http:
+            task = (await http.post("/api/tasks", json={"title": "durable"}, headers=auth())).json()["data"]
+    second = service.create_app(database_url, SECRET)
+    async with second.router.lifespan_context(second), asgi_client(second) as http:
+        response = await http.get(f"/api/tasks/{task['id']}", headers=auth())
+        assert response.json()["data"] == task
+
+
+async def test_deleting_a_user_deletes_their_tasks(client):
+    await create(client, "alice")
+    bob_task = await create(client, "bob")
+    await client.database.execute("DELETE FROM users WHERE id = 'alice'")
+    assert await task_rows(client, "alice") == []
+    assert await task_rows(client, "bob") == [bob_task]
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("title", ""), ("title", "x" * 201), ("title", " padded "), ("description", "x" * 1001)],
+)
+async def test_the_schema_rejects_what_validation_rejects(client, column, value):
+    task = await create(client)
+    with pytest.raises(Exception):
+        await client.database.execute(
+            f"UPDATE tasks SET {column} = :value WHERE id = :id", {"value": value, "id": task["id"]}
+        )
+    assert await task_rows(client, "alice") == [task]
+
+
+# ---------------------------------------------------------------------------------------------------
+# CORS
+
+
+async def test_cors_preflight_allows_the_frontend_origin(client):
+    response = await client.options(
+        "/api/tasks",
+        headers={
+            "Origin": "http://localhost:3000",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "authorization" in response.headers["access-control-allow-headers"].lower()
+
+
+async def test_cors_refuses_other_origins(client):
+    response = await client.options(
+        "/api/tasks",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_cors_exposes_location_and_total_count(client):
+    response = await client.get("/api/tasks", headers={**auth(), "Origin": "http://localhost:3000"})
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    exposed = response.headers["access-control-expose-headers"].lower()
+    assert "location" in exposed and "x-total-count" in exposed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: start-up refusal and the token helper
+
+
+def run_service(*args, env_extra: dict, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("BETTER_AUTH_SECRET", "DATABASE_URL")}
+    return subprocess.run(
+        [sys.executable, str(HERE / "service.py"), *args],
+        env={**env, **env_extra}, cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("secret", [None, "", "too-short"])
+def test_service_refuses_to_start_without_a_usable_secret(tmp_path, secret):
+    result = run_service(env_extra={} if secret is None else {"BETTER_AUTH_SECRET": secret}, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "BETTER_AUTH_SECRET" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_token_command_prints_a_one_hour_token(tmp_path):
+    result = run_service("token", "alice", env_extra={"BETTER_AUTH_SECRET": SECRET}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert 3500 < claims["exp"] - datetime.now(timezone.utc).timestamp() <= 3600
