@@ -9,10 +9,13 @@ Run it:      python service.py              (serves on 127.0.0.1:$PORT)
 Try it:      python service.py token alice  (prints a one-hour token for user "alice")
 """
 
+import asyncio
 import json
 import logging
 import sqlite3
 import sys
+import time
+import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
@@ -22,6 +25,7 @@ from urllib.parse import quote
 import jwt
 from databases import Database
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
@@ -38,22 +42,43 @@ from starlette.routing import Route
 config = Config(".env" if Path(".env").is_file() else None)
 DATABASE_URL = config("DATABASE_URL", default="sqlite:///./tasks.db")
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
+BETTER_AUTH_URL = config("BETTER_AUTH_URL", default="").rstrip("/")
+JWKS_URL = config("JWKS_URL", default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else "")
+# Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off, deliberately.
+JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
+JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 PORT = config("PORT", cast=int, default=8000)
 
-# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
-MIN_SECRET_BYTES = 32
-if len(BETTER_AUTH_SECRET.encode()) < MIN_SECRET_BYTES:
-    sys.exit(
-        "service: set BETTER_AUTH_SECRET (at least 32 bytes, the secret shared with Better Auth) "
-        "in the environment or in .env, e.g. BETTER_AUTH_SECRET=$(openssl rand -base64 32)"
-    )
+
+def auth_config_problem() -> str | None:
+    """Why the authentication settings cannot work, in one line, or None."""
+    if not BETTER_AUTH_SECRET and not JWKS_URL:
+        return ("set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL "
+                "(Better Auth's base URL, for its JWKS) in the environment or in .env")
+    # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
+    if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:
+        return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
+    if JWKS_URL and not JWKS_URL.startswith(("https://", "http://")):
+        return f"JWKS_URL must be an http(s) URL, not {JWKS_URL!r}"
+    if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
+        return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
+    return None
+
+
+if problem := auth_config_problem():
+    sys.exit(f"service: {problem}")
 
 MAX_BODY_BYTES = 64 * 1024
 TITLE_MAX, DESCRIPTION_MAX = 200, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit on both databases
 CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
+MAX_TOKEN_BYTES = 8 * 1024
+JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
+JWKS_REFETCH_SECONDS = 30  # the least time between two fetches of the key set
+JWKS_TIMEOUT_SECONDS = 3
+JWKS_MAX_BYTES = 1024 * 1024
 
 log = logging.getLogger("service")
 
@@ -99,6 +124,11 @@ def unauthorized(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+def invalid_token() -> HTTPException:
+    # One answer for every way a token can fail, so a caller learns nothing about which check failed.
+    return unauthorized("Invalid or expired token")
+
+
 def bearer_token(request: Request) -> str:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -106,29 +136,105 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def verified_claims(token: str, secret: str) -> dict:
+def fetch_json(url: str):
+    """Blocking; runs in a worker thread so the event loop keeps serving."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT_SECONDS) as response:
+        return json.loads(response.read(JWKS_MAX_BYTES))
+
+
+def usable_keys(jwks) -> dict:
+    """The JWKS's signing keys by kid, each bound to the one algorithm its type allows."""
+    keys = {}
+    for data in jwks.get("keys", []) if isinstance(jwks, dict) else []:
+        try:
+            key = jwt.PyJWK(data)
+        except (jwt.PyJWTError, KeyError, ValueError, TypeError, AttributeError):
+            log.warning("JWKS: skipped a key that is not a valid JWK")
+            continue
+        if key.algorithm_name in JWKS_ALGORITHMS and isinstance(key.key_id, str) and data.get("use", "sig") == "sig":
+            keys[key.key_id] = key
+    return keys
+
+
+class KeySet:
+    """Better Auth's public keys: fetched once, then again only for an unknown kid (key rotation),
+    at most once per JWKS_REFETCH_SECONDS however many such tokens arrive."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.keys: dict = {}
+        self.fetched_at = float("-inf")
+        self.fetches = 0
+        self.lock = asyncio.Lock()
+
+    async def key(self, kid: str):
+        if kid not in self.keys:
+            async with self.lock:  # concurrent unknown kids wait for one fetch, not one each
+                if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_REFETCH_SECONDS:
+                    await self.refetch()
+        return self.keys.get(kid)
+
+    async def refetch(self) -> None:
+        self.fetched_at, self.fetches = time.monotonic(), self.fetches + 1
+        try:
+            self.keys = usable_keys(await run_in_threadpool(fetch_json, self.url))
+        except (OSError, ValueError) as exc:  # unreachable, timed out, or not JSON
+            # Keys already cached keep working while the endpoint is down.
+            log.warning("JWKS: fetching %s failed (%s); %d cached keys kept", self.url, exc, len(self.keys))
+
+
+class TokenVerifier:
+    """A bearer token becomes its verified claims: HS256 with the shared secret, or EdDSA, ES256 or
+    RS256 with a key from the JWKS. The algorithm is the key's, never the token's alone."""
+
+    def __init__(self, secret: str = "", jwks_url: str = "", issuer: str = "", audience: str = ""):
+        self.secret = secret
+        self.key_set = KeySet(jwks_url) if jwks_url else None
+        self.issuer, self.audience = issuer, audience
+
+    async def claims(self, token: str) -> dict:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise invalid_token()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise invalid_token() from None
+        if header.get("alg") == "HS256" and self.secret:
+            claims = decode(token, self.secret, "HS256")
+        elif self.key_set and isinstance(header.get("kid"), str):
+            key = await self.key_set.key(header["kid"])
+            if key is None:
+                raise invalid_token()
+            claims = decode(token, key.key, key.algorithm_name, self.issuer, self.audience)
+        else:
+            raise invalid_token()
+        subject = claims.get("sub")
+        # A NUL cannot be stored in PostgreSQL text; such a subject is not a user of ours.
+        if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
+            raise invalid_token()
+        return claims
+
+
+def decode(token: str, key, algorithm: str, issuer: str = "*", audience: str = "*") -> dict:
+    """Verify signature, exp (required), nbf, and iss/aud unless they are "*" (not checked)."""
     try:
-        # The algorithm list is fixed here and never read from the token, so `none` and
-        # algorithm-confusion tokens fail the signature check.
-        claims = jwt.decode(
+        return jwt.decode(
             token,
-            secret,
-            algorithms=["HS256"],
-            options={"require": ["exp", "sub"]},
+            key,
+            algorithms=[algorithm],
+            issuer=None if issuer == "*" else issuer,
+            audience=None if audience == "*" else audience,
             leeway=CLOCK_SKEW_LEEWAY,
+            options={"require": ["exp", "sub"], "verify_aud": audience != "*"},
         )
     except jwt.InvalidTokenError:
-        raise unauthorized("Invalid or expired token") from None
-    subject = claims.get("sub")
-    # A NUL cannot be stored in PostgreSQL text; such a subject is not a user of ours.
-    if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
-        raise unauthorized("Invalid or expired token")
-    return claims
+        raise invalid_token() from None
 
 
-def current_user_id(request: Request) -> str:
+async def current_user_id(request: Request) -> str:
     """The caller's id; on path-scoped routes it must also be the {user_id} in the path."""
-    claims = verified_claims(bearer_token(request), request.app.state.secret)
+    claims = await request.app.state.verifier.claims(bearer_token(request))
     request.state.email = claims.get("email") if isinstance(claims.get("email"), str) else None
     path_user_id = request.path_params.get("user_id")
     if path_user_id is not None and path_user_id != claims["sub"]:
@@ -412,7 +518,7 @@ def reply(request: Request, body, status_code: int = 200, headers: dict | None =
 
 
 async def list_tasks(request: Request) -> Response:
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     query = parse_list_query(request.query_params)
     database = request.app.state.database
     if query["completed"] == "conflict":
@@ -430,7 +536,7 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def create_task(request: Request) -> Response:
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     fields = parse_task_fields(await read_json_body(request), partial=False)
     database, now = request.app.state.database, utc_now()
     async with database.transaction():
@@ -451,7 +557,7 @@ async def create_task(request: Request) -> Response:
 
 
 async def get_task(request: Request) -> Response:
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     values = {"id": task_id_or_404(request), "user_id": user_id}
     row = await request.app.state.database.fetch_one(SELECT_TASK, values)
     if row is None:
@@ -460,7 +566,7 @@ async def get_task(request: Request) -> Response:
 
 
 async def update_task(request: Request) -> Response:
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
     fields = parse_task_fields(await read_json_body(request), partial=True)
     values = {"id": task_id, "user_id": user_id, "now": utc_now()}
@@ -475,7 +581,7 @@ async def update_task(request: Request) -> Response:
 
 async def complete_task(request: Request) -> Response:
     """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}."""
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
     completed = parse_completed_body(await read_json_body(request, required=False))
     values = {"id": task_id, "user_id": user_id, "now": utc_now()}
@@ -489,7 +595,7 @@ async def complete_task(request: Request) -> Response:
 
 
 async def delete_task(request: Request) -> Response:
-    user_id = current_user_id(request)
+    user_id = await current_user_id(request)
     values = {"id": task_id_or_404(request), "user_id": user_id}
     if await request.app.state.database.fetch_one(DELETE_TASK, values) is None:
         raise task_not_found()
@@ -544,7 +650,7 @@ routes = [
 ]
 
 
-def create_app(database_url: str = DATABASE_URL, secret: str = BETTER_AUTH_SECRET) -> Starlette:
+def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None) -> Starlette:
     database = open_database(database_url)
 
     @asynccontextmanager
@@ -572,7 +678,7 @@ def create_app(database_url: str = DATABASE_URL, secret: str = BETTER_AUTH_SECRE
         lifespan=lifespan,
     )
     app.state.database = database
-    app.state.secret = secret
+    app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 
 
@@ -580,6 +686,8 @@ app = create_app()
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["token"] and len(sys.argv) == 3:
+        if not BETTER_AUTH_SECRET:
+            sys.exit("service: `token` signs with BETTER_AUTH_SECRET, which is not set")
         print(mint_token(sys.argv[2], BETTER_AUTH_SECRET))
     elif len(sys.argv) == 1:
         import uvicorn

@@ -7,6 +7,8 @@ Under CI=true a missing PostgreSQL fails the run instead of skipping it.
 
 import ast
 import glob
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -15,13 +17,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import anyio
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 SECRET = "test-secret-for-the-suite-only-" + "0123456789abcdef" * 3  # 79 bytes: long enough for HS512 too
 os.environ["BETTER_AUTH_SECRET"] = SECRET  # read when service.py is imported
@@ -100,6 +109,71 @@ def postgres_url():
     stop()
 
 
+# ---------------------------------------------------------------------------------------------------
+# Better Auth's JWKS, served from 127.0.0.1 by a small HTTP server inside the test run.
+
+ISSUER = "http://auth.test"  # Better Auth's base URL: the iss and aud of its tokens
+ED_KEY = Ed25519PrivateKey.generate()  # Better Auth's default key type
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def public_jwk(private_key, kid: str, **fields) -> dict:
+    algorithm = {Ed25519PrivateKey: OKPAlgorithm, ec.EllipticCurvePrivateKey: ECAlgorithm,
+                 rsa.RSAPrivateKey: RSAAlgorithm}
+    kind = next(cls for cls in algorithm if isinstance(private_key, cls))
+    return {**algorithm[kind].to_jwk(private_key.public_key(), as_dict=True), "kid": kid, **fields}
+
+
+def initial_jwks() -> dict:
+    # As Better Auth publishes them: the Ed25519 key names its alg; the others leave it to kty/crv.
+    return {"keys": [public_jwk(ED_KEY, "ed-1", alg="EdDSA", crv="Ed25519"),
+                     public_jwk(EC_KEY, "ec-1"), public_jwk(RSA_KEY, "rsa-1")]}
+
+
+class JWKSServer(ThreadingHTTPServer):
+    """Serves `document` at /api/auth/jwks; counts requests; `down` answers 503; `gate` holds answers."""
+
+    def reset(self):
+        self.document, self.requests, self.down = initial_jwks(), 0, False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/api/auth/jwks"
+
+
+class JWKSHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.server.requests += 1
+        self.server.gate.wait(10)
+        status, body = (503, b"{}") if self.server.down else (200, json.dumps(self.server.document).encode())
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def jwks_server():
+    server = JWKSServer(("127.0.0.1", 0), JWKSHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def jwks(jwks_server):
+    jwks_server.reset()
+    yield jwks_server
+    jwks_server.gate.set()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path):
     if request.param == "sqlite":
@@ -114,9 +188,22 @@ def asgi_client(app) -> httpx.AsyncClient:
 
 
 @pytest.fixture
-async def client(database_url):
-    """An HTTP client on a started app with empty tables; `client.database` is the app's database."""
-    app = service.create_app(database_url, SECRET)
+def auth_settings():
+    """Overrides for the app's TokenVerifier; a test changes them with @pytest.mark.parametrize."""
+    return {}
+
+
+@pytest.fixture
+def verifier(jwks, auth_settings):
+    settings = {"secret": SECRET, "jwks_url": jwks.url, "issuer": ISSUER, "audience": ISSUER, **auth_settings}
+    return service.TokenVerifier(**settings)
+
+
+@pytest.fixture
+async def client(database_url, verifier):
+    """An HTTP client on a started app with empty tables; `client.database` is the app's database.
+    The app accepts both HS256 tokens (SECRET) and tokens signed by keys in the local JWKS."""
+    app = service.create_app(database_url, verifier)
     async with app.router.lifespan_context(app):
         await app.state.database.execute("DELETE FROM tasks")
         await app.state.database.execute("DELETE FROM users")
@@ -625,6 +712,217 @@ async def test_clock_skew_leeway_is_30_seconds(client, seconds_past_expiry, stat
 
 
 # ---------------------------------------------------------------------------------------------------
+# Better Auth tokens: JWKS keys (EdDSA, ES256, RS256) beside HS256, and the attacks on them
+
+SIGNERS = {"EdDSA": (ED_KEY, "ed-1"), "ES256": (EC_KEY, "ec-1"), "RS256": (RSA_KEY, "rsa-1")}
+
+
+def better_auth_token(algorithm="EdDSA", kid=None, key=None, expires_in=900, **claims) -> str:
+    """A token as Better Auth's JWT plugin makes it: kid header, iss and aud = its base URL, 15 minutes."""
+    default_key, default_kid = SIGNERS[algorithm]
+    now = datetime.now(timezone.utc)
+    payload = {"sub": "alice", "iss": ISSUER, "aud": ISSUER, "iat": now,
+               "exp": now + timedelta(seconds=expires_in), "email": "alice@example.com", "name": "Alice", **claims}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    headers = {"kid": default_kid if kid is None else kid}
+    return jwt.encode(payload, key or default_key, algorithm=algorithm, headers=headers)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def hand_signed(header: dict, payload: dict, sign) -> str:
+    """A token PyJWT would refuse to make (an odd header, a public key as HMAC secret): attackers don't ask."""
+    def part(data) -> str:
+        return jwt.utils.base64url_encode(json.dumps(data).encode()).decode()
+
+    signing_input = f"{part(header)}.{part(payload)}"
+    return f"{signing_input}.{jwt.utils.base64url_encode(sign(signing_input.encode())).decode()}"
+
+
+def hs256_signer(secret: bytes):
+    return lambda message: hmac.new(secret, message, hashlib.sha256).digest()
+
+
+VALID_FOR_EVER = {"sub": "alice", "iss": ISSUER, "aud": ISSUER, "exp": 4102444800}
+
+
+@pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256"])
+async def test_better_auth_tokens_are_accepted_for_each_key_type(client, family, algorithm):
+    response = await client.post(family.tasks("alice"), json={"title": "t"}, headers=bearer(better_auth_token(algorithm)))
+    assert response.status_code == 201
+    assert family.data(response)["user_id"] == "alice"
+    users = await client.database.fetch_all("SELECT id, email FROM users")
+    assert [(row["id"], row["email"]) for row in users] == [("alice", "alice@example.com")]
+
+
+@pytest.mark.parametrize("auth_settings", [{"secret": ""}], ids=["jwks-only"])
+async def test_jwks_alone_is_enough_and_then_hs256_is_refused(client, auth_settings):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    response = await client.get("/api/tasks", headers=auth())
+    assert response.status_code == 401 and response.json() == {"detail": INVALID}
+
+
+@pytest.mark.parametrize("auth_settings", [{"jwks_url": ""}], ids=["secret-only"])
+async def test_the_shared_secret_alone_is_enough_and_then_jwks_tokens_are_refused(client, auth_settings):
+    assert (await client.get("/api/tasks", headers=auth())).status_code == 200
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 401
+
+
+def signed_with_public_key_bytes(kid) -> str:
+    public_pem = ED_KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    header = {"alg": "HS256", "typ": "JWT", **({"kid": kid} if kid else {})}
+    return hand_signed(header, VALID_FOR_EVER, hs256_signer(public_pem))
+
+
+REJECTED_BETTER_AUTH_TOKENS = {
+    "wrong-iss": lambda: better_auth_token(iss="https://evil.example"),
+    "wrong-aud": lambda: better_auth_token(aud="https://other-service.example"),
+    "no-iss": lambda: better_auth_token(iss=None),
+    "no-aud": lambda: better_auth_token(aud=None),
+    "expired": lambda: better_auth_token(expires_in=-120),
+    "no-exp": lambda: better_auth_token(exp=None),
+    "nbf-in-the-future": lambda: better_auth_token(nbf=datetime.now(timezone.utc) + timedelta(minutes=5)),
+    "no-sub": lambda: better_auth_token(sub=None),
+    "empty-sub": lambda: better_auth_token(sub=""),
+    "signed-by-another-key": lambda: better_auth_token(key=Ed25519PrivateKey.generate()),
+    "hs256-signed-with-public-key-and-kid": lambda: signed_with_public_key_bytes("ed-1"),
+    "hs256-signed-with-public-key": lambda: signed_with_public_key_bytes(None),
+    "alg-none-with-kid": lambda: hand_signed({"alg": "none", "kid": "ed-1"}, VALID_FOR_EVER, lambda m: b""),
+    "unknown-kid": lambda: better_auth_token(kid="nobody-knows-this-kid"),
+    "kid-is-a-number": lambda: hand_signed({"alg": "EdDSA", "kid": 7}, VALID_FOR_EVER, ED_KEY.sign),
+    "kid-is-a-list": lambda: hand_signed({"alg": "EdDSA", "kid": ["ed-1"]}, VALID_FOR_EVER, ED_KEY.sign),
+    "kid-missing": lambda: hand_signed({"alg": "EdDSA"}, VALID_FOR_EVER, ED_KEY.sign),
+    "kid-empty": lambda: better_auth_token(kid=""),
+    "rs256-against-the-ed25519-key": lambda: better_auth_token("RS256", kid="ed-1"),
+    "es256-against-the-rsa-key": lambda: better_auth_token("ES256", kid="rsa-1"),
+    "over-8-kib": lambda: better_auth_token(padding="x" * 8192),
+}
+
+
+@pytest.mark.parametrize("name", REJECTED_BETTER_AUTH_TOKENS)
+async def test_bad_better_auth_tokens_are_401(client, name):
+    token = REJECTED_BETTER_AUTH_TOKENS[name]()
+    response = await client.post("/api/tasks", json={"title": "t"}, headers=bearer(token))
+    assert response.status_code == 401
+    assert response.json() == {"detail": INVALID}
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert await client.database.fetch_all("SELECT id FROM tasks") == []
+
+
+@pytest.mark.parametrize("auth_settings", [{"secret": ""}, {}], ids=["jwks-only", "both"])
+async def test_a_symmetric_key_in_the_jwks_is_never_used(client, jwks, auth_settings):
+    shared = b"a-symmetric-key-published-in-the-jwks-by-mistake"
+    jwks.document["keys"].append({"kty": "oct", "kid": "sym-1", "k": jwt.utils.base64url_encode(shared).decode()})
+    token = hand_signed({"alg": "HS256", "kid": "sym-1"}, VALID_FOR_EVER, hs256_signer(shared))
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 401
+
+
+@pytest.mark.parametrize("auth_settings", [{"issuer": "*", "audience": "*"}], ids=["checks-off"])
+async def test_issuer_and_audience_checks_can_be_turned_off(client, auth_settings):
+    token = better_auth_token(iss="https://anyone.example", aud=None)
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 200
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(expires_in=-120)))).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "claims, status",
+    [
+        ({"expires_in": -25}, 200),
+        ({"expires_in": -35}, 401),
+        ({"nbf": datetime.now(timezone.utc) + timedelta(seconds=25)}, 200),
+        ({"nbf": datetime.now(timezone.utc) + timedelta(seconds=35 + 60)}, 401),
+    ],
+    ids=["expired-25s-ago", "expired-35s-ago", "nbf-in-25s", "nbf-in-95s"],
+)
+async def test_clock_skew_leeway_is_30_seconds_at_its_edge(client, claims, status):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(**claims)))).status_code == status
+
+
+async def test_the_key_set_is_fetched_once_and_cached(client, jwks, verifier):
+    for algorithm in ("EdDSA", "ES256", "RS256", "EdDSA"):
+        assert (await client.get("/api/tasks", headers=bearer(better_auth_token(algorithm)))).status_code == 200
+    assert verifier.key_set.fetches == jwks.requests == 1
+
+
+async def test_key_rotation_is_picked_up_at_most_once_per_30_seconds(client, jwks, verifier):
+    new_key = Ed25519PrivateKey.generate()
+    rotated = better_auth_token(kid="ed-2", key=new_key)
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+
+    jwks.document["keys"].insert(0, public_jwk(new_key, "ed-2", alg="EdDSA"))
+    # Within 30 seconds of the last fetch, an unknown kid does not cause another one.
+    assert (await client.get("/api/tasks", headers=bearer(rotated))).status_code == 401
+    assert jwks.requests == 1
+
+    verifier.key_set.fetched_at -= service.JWKS_REFETCH_SECONDS  # 30 seconds pass
+    assert (await client.get("/api/tasks", headers=bearer(rotated))).status_code == 200
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    assert jwks.requests == 2
+
+
+async def test_100_concurrent_unknown_kids_cause_at_most_one_fetch(client, jwks, verifier):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    verifier.key_set.fetched_at -= service.JWKS_REFETCH_SECONDS
+    statuses = []
+
+    async def attempt(i):
+        token = better_auth_token(kid=f"unknown-{i}")
+        statuses.append((await client.get("/api/tasks", headers=bearer(token))).status_code)
+
+    async with anyio.create_task_group() as group:
+        for i in range(100):
+            group.start_soon(attempt, i)
+    assert statuses == [401] * 100
+    assert verifier.key_set.fetches == jwks.requests == 2
+
+
+async def test_a_down_jwks_endpoint_keeps_cached_keys_working(client, jwks, verifier):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    jwks.down = True
+    verifier.key_set.fetched_at -= service.JWKS_REFETCH_SECONDS
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(kid="rotated")))).status_code == 401
+    assert jwks.requests == 2  # it did try
+    for algorithm in ("EdDSA", "ES256", "RS256"):
+        response = await client.get("/api/tasks", headers=bearer(better_auth_token(algorithm)))
+        assert response.status_code == 200, algorithm
+    assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize("auth_settings", [{"jwks_url": f"http://127.0.0.1:{free_port()}/jwks"}], ids=["refused"])
+async def test_an_unreachable_jwks_endpoint_with_a_cold_cache_is_401_not_500(client, auth_settings):
+    response = await client.get("/api/tasks", headers=bearer(better_auth_token()))
+    assert response.status_code == 401
+    assert response.json() == {"detail": INVALID}
+    assert (await client.get("/api/tasks", headers=auth())).status_code == 200  # HS256 still works
+
+
+async def test_a_jwks_answering_503_with_a_cold_cache_is_401(client, jwks):
+    jwks.down = True
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 401
+
+
+async def test_a_slow_jwks_fetch_times_out_and_does_not_block_other_requests(client, jwks, monkeypatch):
+    monkeypatch.setattr(service, "JWKS_TIMEOUT_SECONDS", 1)
+    jwks.gate.clear()  # the JWKS endpoint stops answering
+    outcome = {}
+
+    async def waits_for_the_jwks():
+        outcome["jwks"] = (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(waits_for_the_jwks)
+            while jwks.requests == 0:
+                await anyio.sleep(0.01)
+            # The fetch is in flight: an HS256 request is answered meanwhile.
+            assert (await client.get("/api/tasks", headers=auth())).status_code == 200
+            assert "jwks" not in outcome
+    assert outcome["jwks"] == 401  # timed out: refused, not an error
+
+
+# ---------------------------------------------------------------------------------------------------
 # Isolation: two users, every route, both families
 
 
@@ -863,13 +1161,13 @@ async def test_list_rejects_invalid_query_parameters_with_422(client, family, pa
 # Persistence and the schema
 
 
-async def test_data_survives_a_restart_of_the_app(database_url):
-    first = service.create_app(database_url, SECRET)
+async def test_data_survives_a_restart_of_the_app(database_url, verifier):
+    first = service.create_app(database_url, verifier)
     async with first.router.lifespan_context(first):
         await first.state.database.execute("DELETE FROM users")
         async with asgi_client(first) as http:
             task = (await http.post("/api/tasks", json={"title": "durable"}, headers=auth())).json()["data"]
-    second = service.create_app(database_url, SECRET)
+    second = service.create_app(database_url, verifier)
     async with second.router.lifespan_context(second), asgi_client(second) as http:
         response = await http.get(f"/api/tasks/{task['id']}", headers=auth())
         assert response.json()["data"] == task
@@ -934,24 +1232,54 @@ async def test_cors_exposes_location_and_total_count(client):
 # The command line: start-up refusal and the token helper
 
 
-def run_service(*args, env_extra: dict, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("BETTER_AUTH_SECRET", "DATABASE_URL")}
+AUTH_VARIABLES = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE", "DATABASE_URL")
+
+
+def run_python(args: list, env_extra: dict, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
     return subprocess.run(
-        [sys.executable, str(HERE / "service.py"), *args],
-        env={**env, **env_extra}, cwd=cwd, capture_output=True, text=True, timeout=60,
+        [sys.executable, *args], env={**env, **env_extra}, cwd=cwd, capture_output=True, text=True, timeout=60
     )
 
 
-@pytest.mark.parametrize("secret", [None, "", "too-short"])
-def test_service_refuses_to_start_without_a_usable_secret(tmp_path, secret):
-    result = run_service(env_extra={} if secret is None else {"BETTER_AUTH_SECRET": secret}, cwd=tmp_path)
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({}, "BETTER_AUTH_SECRET"),
+        ({"BETTER_AUTH_SECRET": ""}, "BETTER_AUTH_SECRET"),
+        ({"BETTER_AUTH_SECRET": "too-short"}, "BETTER_AUTH_SECRET"),
+        ({"JWKS_URL": "http://127.0.0.1:9/jwks"}, "JWT_ISSUER"),
+        ({"JWKS_URL": "file:///etc/passwd", "JWT_ISSUER": "*", "JWT_AUDIENCE": "*"}, "JWKS_URL"),
+    ],
+    ids=["nothing", "empty-secret", "short-secret", "jwks-without-issuer", "jwks-not-http"],
+)
+def test_service_refuses_to_start_without_usable_auth_settings(tmp_path, settings, named):
+    result = run_python([str(HERE / "service.py")], settings, cwd=tmp_path)
     assert result.returncode != 0
-    assert result.stderr.count("\n") == 1 and "BETTER_AUTH_SECRET" in result.stderr
+    assert result.stderr.count("\n") == 1 and named in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"BETTER_AUTH_URL": "https://auth.example/"},
+         "https://auth.example/api/auth/jwks https://auth.example https://auth.example"),
+        ({"BETTER_AUTH_URL": "https://auth.example", "JWKS_URL": "https://keys.example/jwks", "JWT_AUDIENCE": "*"},
+         "https://keys.example/jwks https://auth.example *"),
+        ({"BETTER_AUTH_SECRET": SECRET}, "  "),
+    ],
+    ids=["better-auth-url-alone", "overrides", "secret-alone"],
+)
+def test_auth_settings_derive_from_better_auth_url(tmp_path, settings, expected):
+    script = "import service; print(service.JWKS_URL, service.JWT_ISSUER, service.JWT_AUDIENCE)"
+    result = run_python(["-c", script], {"PYTHONPATH": str(HERE), **settings}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+
+
 def test_token_command_prints_a_one_hour_token(tmp_path):
-    result = run_service("token", "alice", env_extra={"BETTER_AUTH_SECRET": SECRET}, cwd=tmp_path)
+    result = run_python([str(HERE / "service.py"), "token", "alice"], {"BETTER_AUTH_SECRET": SECRET}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
