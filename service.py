@@ -12,6 +12,7 @@ Try it:      python service.py token alice  (prints a one-hour token for user "a
 import asyncio
 import json
 import logging
+import re
 import sqlite3
 import sys
 import time
@@ -20,14 +21,15 @@ import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+import asyncpg
 import jwt
-from databases import Database
+from databases import Database, DatabaseURL
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
-from starlette.datastructures import CommaSeparatedStrings
+from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -47,6 +49,8 @@ JWKS_URL = config("JWKS_URL", default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETT
 # Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off, deliberately.
 JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
+# PgBouncer in transaction mode (Neon's pooled endpoints, whose host names end in "-pooler").
+DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""))
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 PORT = config("PORT", cast=int, default=8000)
 
@@ -69,6 +73,8 @@ def auth_config_problem() -> str | None:
 if problem := auth_config_problem():
     sys.exit(f"service: {problem}")
 
+DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503 within these bounds
+DATABASE_COMMAND_TIMEOUT_SECONDS = 10
 MAX_BODY_BYTES = 64 * 1024
 TITLE_MAX, DESCRIPTION_MAX = 200, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
@@ -81,6 +87,7 @@ JWKS_TIMEOUT_SECONDS = 3
 JWKS_MAX_BYTES = 1024 * 1024
 
 log = logging.getLogger("service")
+request_log = logging.getLogger("service.requests")
 
 # ---------------------------------------------------------------------------------------------------
 # Database
@@ -96,19 +103,37 @@ class SQLiteWithForeignKeys(sqlite3.Connection):
         self.execute("PRAGMA foreign_keys = ON")
 
 
-def open_database(url: str) -> Database:
+def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
     if url.startswith("sqlite"):
         return Database(url, factory=SQLiteWithForeignKeys)
-    return Database(url)
+    options = {"timeout": DATABASE_CONNECT_TIMEOUT_SECONDS, "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS}
+    if pooled:
+        # PgBouncer in transaction mode may run each transaction on another server connection, where
+        # a statement asyncpg prepared earlier does not exist: so asyncpg must not keep any.
+        options["statement_cache_size"] = 0
+    url_options = DatabaseURL(url).options
+    if "sslmode" in url_options and "ssl" not in url_options:
+        # `databases` hands asyncpg only host, port, user, password and database from the URL, and
+        # would silently drop Neon's ?sslmode=require.
+        options["ssl"] = url_options["sslmode"]
+    return Database(url, **options)
+
+
+SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
 
 
 async def apply_schema(database: Database) -> None:
     if database.url.dialect == "sqlite":
         # Write-ahead logging lets readers and a writer work at once; the setting lives in the file.
         await database.execute("PRAGMA journal_mode = WAL")
-    for statement in SCHEMA_PATH.read_text().split(";"):
-        if statement.strip():
-            await database.execute(statement)
+    async with database.transaction():
+        if database.url.dialect == "postgresql":
+            # Instances starting together on an empty database would otherwise race in CREATE TABLE
+            # IF NOT EXISTS. A transaction-level lock also works through PgBouncer's transaction mode.
+            await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
+        for statement in SCHEMA_PATH.read_text().split(";"):
+            if statement.strip():
+                await database.execute(statement)
 
 
 def utc_now() -> str:
@@ -619,9 +644,81 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
+def is_database_outage(exc: Exception) -> bool:
+    """Errors that mean the database cannot be reached now, as opposed to a bug in a query."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return exc.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR")
+    return isinstance(exc, DATABASE_OUTAGES)
+
+
+DATABASE_OUTAGES = (
+    OSError,  # refused, reset, unreachable, and TimeoutError (connect and command timeouts)
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
+    asyncpg.InterfaceError,  # the connection closed under us
+)
+
+
+async def database_error(request: Request, exc: Exception) -> Response:
+    if not is_database_outage(exc):
+        raise exc
+    log.warning("request %s: database unavailable: %r", request.state.request_id, exc)
+    return JSONResponse({"detail": "Database unavailable"}, 503, headers={"Retry-After": "5"})
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse({"detail": "Internal server error"}, 500)
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path, exc_info=exc)
+    # This response leaves from outside RequestLog, so it carries RequestLog's headers itself.
+    return JSONResponse({"detail": "Internal server error"}, 500, headers=response_headers(request.scope, request_id))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The request log, and the headers every response carries
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def response_headers(scope, request_id: str) -> dict:
+    headers = {"X-Request-ID": request_id, "X-Content-Type-Options": "nosniff"}
+    if scope["path"].startswith("/api/"):
+        headers["Cache-Control"] = "no-store"  # user data must not sit in shared caches
+    return headers
+
+
+class RequestLog:
+    """Gives every request an id (the caller's X-Request-ID when it is sane), adds the headers every
+    response carries, and logs one line: id, method, route, status, milliseconds. The route is the
+    template (/api/{user_id}/tasks), so neither user ids, query text, tokens nor bodies are logged."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        offered = Headers(scope=scope).get("x-request-id", "")
+        request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_headers(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                for name, value in response_headers(scope, request_id).items():
+                    headers[name] = value
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope["route"].path if "route" in scope else "-"
+            elapsed = (time.perf_counter() - started) * 1000
+            request_log.info("%s %s %s %d %.1fms", request_id, scope["method"], route, status, elapsed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -650,8 +747,10 @@ routes = [
 ]
 
 
-def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None) -> Starlette:
-    database = open_database(database_url)
+def create_app(
+    database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None, pooled: bool = DATABASE_POOLED
+) -> Starlette:
+    database = open_database(database_url, pooled)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -665,6 +764,7 @@ def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None 
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(RequestLog),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(CORS_ORIGINS),
@@ -674,7 +774,11 @@ def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None 
                 max_age=600,
             )
         ],
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={
+            HTTPException: http_error,
+            **{kind: database_error for kind in (*DATABASE_OUTAGES, sqlite3.OperationalError)},
+            Exception: server_error,
+        },
         lifespan=lifespan,
     )
     app.state.database = database

@@ -18,10 +18,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -94,6 +97,12 @@ def start_postgres():
     return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
 
 
+def unavailable(what: str, exc: Exception):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI needs {what} and could not start it: {exc}")
+    pytest.skip(f"no {what}: {exc}")
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     if os.environ.get("TEST_DATABASE_URL"):
@@ -102,9 +111,72 @@ def postgres_url():
     try:
         url, stop = start_postgres()
     except (RuntimeError, OSError) as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI needs a real PostgreSQL and could not start one: {exc}")
-        pytest.skip(f"no PostgreSQL (set TEST_DATABASE_URL or install postgresql): {exc}")
+        unavailable("PostgreSQL (set TEST_DATABASE_URL or install postgresql)", exc)
+    yield url
+    stop()
+
+
+def start_pgbouncer(postgres: str):
+    """(url, stop) for PgBouncer in transaction pooling mode in front of `postgres`, as Neon runs it."""
+    binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if binary is None:
+        raise RuntimeError("no pgbouncer binary; install Debian's pgbouncer package")
+    target = urlsplit(postgres)
+    directory, port = tempfile.mkdtemp(prefix="tasks-pgbouncer-"), free_port()
+    server = f"host={target.hostname} port={target.port or 5432} user={target.username or 'postgres'}"
+    if target.password:
+        server += f" password={target.password}"
+    config = os.path.join(directory, "pgbouncer.ini")
+    Path(directory, "users.txt").write_text(f'"{target.username or "postgres"}" ""\n')
+    Path(config).write_text(f"""[databases]
+* = {server}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir = {directory}
+auth_type = trust
+auth_file = {directory}/users.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 1000
+logfile = {directory}/pgbouncer.log
+""")
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses to run as root
+    if as_owner:
+        shutil.chown(directory, "postgres")
+        for name in ("users.txt", "pgbouncer.ini"):
+            shutil.chown(os.path.join(directory, name), "postgres")
+    # Its log goes to the logfile; an unread stderr pipe would fill up and stall it.
+    process = subprocess.Popen(as_owner + [binary, "-q", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port, process)
+
+    def stop():
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    path = target.path or "/postgres"
+    return f"postgresql://{target.username or 'postgres'}@127.0.0.1:{port}{path}", stop
+
+
+def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with status {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on port {port} within {seconds} s")
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(postgres_url):
+    try:
+        url, stop = start_pgbouncer(postgres_url)
+    except (RuntimeError, OSError) as exc:
+        unavailable("PgBouncer (install pgbouncer)", exc)
     yield url
     stop()
 
@@ -143,6 +215,9 @@ class JWKSServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/api/auth/jwks"
 
+    def handle_error(self, request, client_address):
+        pass  # a client that gave up waiting (the timeout test) leaves a broken pipe behind
+
 
 class JWKSHandler(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -174,11 +249,21 @@ def jwks(jwks_server):
     jwks_server.gate.set()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
+class Target(NamedTuple):
+    """A database for the app: its URL, and whether it is reached through PgBouncer."""
+
+    kind: str
+    url: str
+    pooled: bool = False
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "pgbouncer"])
+def database(request, tmp_path) -> Target:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/tasks.db"
-    return request.getfixturevalue("postgres_url")
+        return Target("sqlite", f"sqlite:///{tmp_path}/tasks.db")
+    if request.param == "postgresql":
+        return Target("postgresql", request.getfixturevalue("postgres_url"))
+    return Target("pgbouncer", request.getfixturevalue("pgbouncer_url"), pooled=True)
 
 
 def asgi_client(app) -> httpx.AsyncClient:
@@ -200,10 +285,16 @@ def verifier(jwks, auth_settings):
 
 
 @pytest.fixture
-async def client(database_url, verifier):
-    """An HTTP client on a started app with empty tables; `client.database` is the app's database.
-    The app accepts both HS256 tokens (SECRET) and tokens signed by keys in the local JWKS."""
-    app = service.create_app(database_url, verifier)
+def make_app(database, verifier):
+    """A new app on the test's database; it accepts HS256 tokens (SECRET) and tokens signed by keys
+    in the local JWKS."""
+    return lambda: service.create_app(database.url, verifier, database.pooled)
+
+
+@pytest.fixture
+async def client(make_app):
+    """An HTTP client on a started app with empty tables; `client.database` is the app's database."""
+    app = make_app()
     async with app.router.lifespan_context(app):
         await app.state.database.execute("DELETE FROM tasks")
         await app.state.database.execute("DELETE FROM users")
@@ -955,8 +1046,9 @@ async def test_another_users_task_is_indistinguishable_from_a_missing_one(client
     for (method, url, body), (_, missing_url, _) in zip(
         task_routes(family, "bob", alice_task["id"]), task_routes(family, "bob", missing)
     ):
-        response = await client.request(method, url, json=body, headers=auth("bob"))
-        control = await client.request(method, missing_url, json=body, headers=auth("bob"))
+        headers = {**auth("bob"), "X-Request-ID": "same-id"}  # so every header can be compared
+        response = await client.request(method, url, json=body, headers=headers)
+        control = await client.request(method, missing_url, json=body, headers=headers)
         assert response.status_code == 404, (method, url)
         assert response.content == control.content == b'{"detail":"Task not found"}'
         assert response.headers == control.headers
@@ -1161,13 +1253,13 @@ async def test_list_rejects_invalid_query_parameters_with_422(client, family, pa
 # Persistence and the schema
 
 
-async def test_data_survives_a_restart_of_the_app(database_url, verifier):
-    first = service.create_app(database_url, verifier)
+async def test_data_survives_a_restart_of_the_app(make_app):
+    first = make_app()
     async with first.router.lifespan_context(first):
         await first.state.database.execute("DELETE FROM users")
         async with asgi_client(first) as http:
             task = (await http.post("/api/tasks", json={"title": "durable"}, headers=auth())).json()["data"]
-    second = service.create_app(database_url, verifier)
+    second = make_app()
     async with second.router.lifespan_context(second), asgi_client(second) as http:
         response = await http.get(f"/api/tasks/{task['id']}", headers=auth())
         assert response.json()["data"] == task
