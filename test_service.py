@@ -117,7 +117,9 @@ def postgres_url():
 
 
 def start_pgbouncer(postgres: str):
-    """(url, stop) for PgBouncer in transaction pooling mode in front of `postgres`, as Neon runs it."""
+    """(url, stop) for PgBouncer in transaction pooling mode in front of `postgres`, as Neon runs it.
+    Round-robin over several server connections makes consecutive transactions of one client land on
+    different servers, as they do under load, so anything that relies on session state fails here."""
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if binary is None:
         raise RuntimeError("no pgbouncer binary; install Debian's pgbouncer package")
@@ -138,6 +140,8 @@ auth_type = trust
 auth_file = {directory}/users.txt
 pool_mode = transaction
 default_pool_size = 20
+min_pool_size = 4
+server_round_robin = 1
 max_client_conn = 1000
 logfile = {directory}/pgbouncer.log
 """)
