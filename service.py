@@ -86,6 +86,9 @@ JWKS_REFETCH_SECONDS = 30  # the least time between two fetches of the key set
 JWKS_TIMEOUT_SECONDS = 3
 JWKS_MAX_BYTES = 1024 * 1024
 
+# Logs go to stdout, where Render and Fly collect them. The request log is ours (RequestLog below);
+# uvicorn's access log is turned off, since it would log raw paths and query strings too.
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("service")
 request_log = logging.getLogger("service.requests")
 
@@ -796,7 +799,7 @@ if __name__ == "__main__":
     elif len(sys.argv) == 1:
         import uvicorn
 
-        uvicorn.run(app, host="127.0.0.1", port=PORT)
+        uvicorn.run(app, host="127.0.0.1", port=PORT, access_log=False)
     else:
         sys.exit("usage: python service.py            serve the API on 127.0.0.1:$PORT\n"
                  "       python service.py token ID   print a one-hour token for user ID")

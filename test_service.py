@@ -6,14 +6,19 @@ Under CI=true a missing PostgreSQL fails the run instead of skipping it.
 """
 
 import ast
+import asyncio
 import glob
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -27,6 +32,7 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import anyio
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -1380,3 +1386,440 @@ def test_token_command_prints_a_one_hour_token(tmp_path):
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
     assert 3500 < claims["exp"] - datetime.now(timezone.utc).timestamp() <= 3600
+
+
+# ---------------------------------------------------------------------------------------------------
+# Production: request log and headers
+
+
+def request_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "service.requests"]
+
+
+async def test_each_request_is_logged_once_with_its_id_and_nothing_secret(client, caplog):
+    caplog.set_level(logging.INFO, logger="service")
+    token = make_token()
+    response = await client.post(
+        "/api/alice/tasks?q=private", json={"title": "secret plans"},
+        headers={"Authorization": f"Bearer {token}", "X-Request-ID": "req-123"},
+    )
+    assert response.status_code == 201
+    assert response.headers["x-request-id"] == "req-123"
+    assert len(request_lines(caplog)) == 1
+    assert re.fullmatch(r"req-123 POST /api/\{user_id\}/tasks 201 \d+\.\dms", request_lines(caplog)[0])
+    for secret in (token, "secret plans", "private", SECRET, "alice"):
+        assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("offered", [None, "", "has spaces", "x" * 129, "semi;colon"])
+async def test_a_missing_or_unsafe_request_id_is_replaced(client, caplog, offered):
+    caplog.set_level(logging.INFO, logger="service")
+    headers = auth() if offered is None else {**auth(), "X-Request-ID": offered}
+    response = await client.get("/api/tasks", headers=headers)
+    request_id = response.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert request_lines(caplog) == [line for line in request_lines(caplog) if line.startswith(request_id + " GET /api/tasks 200 ")]
+
+
+async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="service")
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(client.database, "fetch_one", broken)
+    task_url = f"/api/tasks/{uuid.uuid4()}"
+    response = await client.get(task_url, headers={**auth(), "X-Request-ID": "boom-1"})
+    assert response.status_code == 500 and response.json() == {"detail": "Internal server error"}
+    assert response.headers["x-request-id"] == "boom-1"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "boom-1" in errors[0].getMessage() and errors[0].exc_info
+    assert "boom-1 GET /api/tasks/{task_id} 500" in " ".join(request_lines(caplog))
+
+
+async def outage(client, monkeypatch):
+    async def refused(*args, **kwargs):
+        raise ConnectionRefusedError("database down")
+
+    for method in ("fetch_all", "fetch_one"):
+        monkeypatch.setattr(client.database, method, refused)
+
+
+RESPONSES = {
+    "200-list": lambda c, t: c.get("/api/tasks", headers=auth()),
+    "201-create": lambda c, t: c.post("/api/alice/tasks", json={"title": "x"}, headers=auth()),
+    "204-delete": lambda c, t: c.delete(f"/api/tasks/{t['id']}", headers=auth()),
+    "400-json": lambda c, t: c.post("/api/tasks", content=b"{", headers=auth()),
+    "401-token": lambda c, t: c.get("/api/tasks"),
+    "403-user": lambda c, t: c.get("/api/bob/tasks", headers=auth()),
+    "404-task": lambda c, t: c.get(f"/api/tasks/{uuid.uuid4()}", headers=auth()),
+    "404-route": lambda c, t: c.get("/api/nowhere/at/all", headers=auth()),
+    "405-method": lambda c, t: c.delete("/api/tasks", headers=auth()),
+    "413-body": lambda c, t: c.post("/api/tasks", content=b" " * 70_000, headers=auth()),
+    "422-field": lambda c, t: c.post("/api/tasks", json={"title": ""}, headers=auth()),
+}
+
+
+@pytest.mark.parametrize("name", [*RESPONSES, "500-error", "503-outage"])
+async def test_every_api_response_is_no_store_and_nosniff(client, monkeypatch, name):
+    task = await create(client)
+    if name == "500-error":
+        monkeypatch.setattr(client.database, "fetch_all", None)  # calling None: a TypeError
+        response = await client.get("/api/tasks", headers=auth())
+    elif name == "503-outage":
+        await outage(client, monkeypatch)
+        response = await client.get("/api/tasks", headers=auth())
+    else:
+        response = await RESPONSES[name](client, task)
+    assert str(response.status_code) == name[:3]
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_health_is_not_user_data_but_is_nosniff(client):
+    response = await client.get("/health")
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "cache-control" not in response.headers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Production: database outages
+
+
+async def test_a_connection_failure_is_503_database_unavailable(client, monkeypatch, family):
+    task = await create(client, family=family)
+    await outage(client, monkeypatch)
+    for method, url, body in task_routes(family, "alice", task["id"]):
+        response = await client.request(method, url, json=body, headers=auth())
+        assert response.status_code == 503, (method, url)
+        assert response.json() == {"detail": "Database unavailable"}
+        assert "Traceback" not in response.text
+
+
+class TcpProxy:
+    """127.0.0.1:port -> the database. `cut()` drops every connection and refuses new ones, as a
+    stopped server or a broken network does; `restore()` opens the port again."""
+
+    def __init__(self, host: str, port: int):
+        self.target, self.port, self.server, self.streams = (host, port), free_port(), None, set()
+        self.frozen = False  # True: bytes are swallowed, as by a hung server or a silent network
+
+    async def restore(self):
+        self.server = await asyncio.start_server(self.pipe, "127.0.0.1", self.port)
+
+    async def cut(self):
+        self.server.close()
+        for writer in self.streams:
+            writer.transport.abort()
+        self.streams.clear()
+
+    async def pipe(self, client_reader, client_writer):
+        try:
+            server_reader, server_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        self.streams |= {client_writer, server_writer}
+
+        async def copy(reader, writer):
+            try:
+                while data := await reader.read(65536):
+                    if not self.frozen:
+                        writer.write(data)
+                        await writer.drain()
+            except OSError:
+                pass  # the other side is gone: so is this one
+            writer.transport.abort()
+
+        await asyncio.gather(copy(client_reader, server_writer), copy(server_reader, client_writer))
+
+
+def through(proxy: TcpProxy, url: str) -> str:
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+async def test_an_outage_is_503_and_the_service_recovers_by_itself(database, verifier, monkeypatch):
+    target = urlsplit(database.url)
+    proxy = TcpProxy(target.hostname, target.port)
+    await proxy.restore()
+    app = service.create_app(through(proxy, database.url), verifier, database.pooled)
+    async with app.router.lifespan_context(app), asgi_client(app) as http:
+        await app.state.database.execute("DELETE FROM users")
+        acknowledged = []
+        for i in range(10):
+            response = await http.post("/api/tasks", json={"title": f"before {i}"}, headers=auth())
+            assert response.status_code == 201
+            acknowledged.append(response.json()["data"]["id"])
+
+        await proxy.cut()
+        with anyio.fail_after(service.DATABASE_CONNECT_TIMEOUT_SECONDS + 5):  # bounded, not hanging
+            for request in [http.get("/api/tasks", headers=auth()),
+                            http.post("/api/tasks", json={"title": "during"}, headers=auth()),
+                            http.get(f"/api/tasks/{acknowledged[0]}", headers=auth())]:
+                response = await request
+                assert response.status_code == 503
+                assert response.json() == {"detail": "Database unavailable"}
+            health = await http.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "unavailable"
+
+        await proxy.restore()
+        with anyio.fail_after(20):  # no restart: the pool reconnects by itself
+            while (await http.get("/health")).status_code != 200:
+                await anyio.sleep(0.1)
+            while (response := await http.get("/api/tasks?limit=1000", headers=auth())).status_code != 200:
+                await anyio.sleep(0.1)
+        assert set(acknowledged) <= {task["id"] for task in response.json()["data"]}
+    await proxy.cut()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_a_database_that_stops_answering_is_503_within_the_timeouts(database, verifier, monkeypatch):
+    monkeypatch.setattr(service, "DATABASE_CONNECT_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(service, "DATABASE_COMMAND_TIMEOUT_SECONDS", 1)
+    target = urlsplit(database.url)
+    proxy = TcpProxy(target.hostname, target.port)
+    await proxy.restore()
+    app = service.create_app(through(proxy, database.url), verifier, database.pooled)
+    async with app.router.lifespan_context(app), asgi_client(app) as http:
+        assert (await http.get("/api/tasks", headers=auth())).status_code == 200
+        proxy.frozen = True  # connections stay open and new ones are accepted, but nothing answers
+        with anyio.fail_after(6):
+            for request in [http.get("/api/tasks", headers=auth()), http.get("/health")]:
+                assert (await request).status_code == 503
+        proxy.frozen = False
+        await proxy.cut()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Production: concurrency
+
+
+async def concurrently(*calls):
+    """Run the zero-argument coroutine functions at once; their results, in order."""
+    results = [None] * len(calls)
+
+    async def run(index, call):
+        results[index] = await call()
+
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(run, index, call)
+    return results
+
+
+async def test_100_concurrent_toggles_are_each_applied_once(client):
+    task = await create(client)
+    url = f"/api/tasks/{task['id']}/toggle"
+    responses = await concurrently(*[lambda: client.patch(url, headers=auth()) for _ in range(100)])
+    assert [r.status_code for r in responses] == [200] * 100
+    # Atomic flips: the states they return alternate, so half say true and half say false.
+    states = [r.json()["data"]["completed"] for r in responses]
+    assert states.count(True) == states.count(False) == 50
+    assert (await task_rows(client, "alice"))[0]["completed"] is False  # 100 is even
+
+
+async def test_200_concurrent_creates_by_two_users_keep_every_row_and_owner(client):
+    def creating(user, i):
+        return lambda: client.post("/api/tasks", json={"title": f"{user} {i}"}, headers=auth(user))
+
+    responses = await concurrently(*[creating(user, i) for i in range(100) for user in ("alice", "bob")])
+    assert [r.status_code for r in responses] == [201] * 200
+    for user in ("alice", "bob"):
+        rows = await task_rows(client, user)
+        assert sorted(row["title"] for row in rows) == sorted(f"{user} {i}" for i in range(100))
+    assert await client.database.fetch_val("SELECT COUNT(*) FROM tasks") == 200
+    assert await client.database.fetch_val("SELECT COUNT(*) FROM users") == 2
+
+
+async def test_concurrent_update_toggle_and_delete_of_one_task_never_fail(client):
+    tasks = [await create(client, title=f"t{i}") for i in range(20)]
+    calls = []
+    for task in tasks:
+        url = f"/api/tasks/{task['id']}"
+        calls += [lambda url=url: client.put(url, json={"title": "renamed"}, headers=auth()),
+                  lambda url=url: client.patch(url + "/toggle", headers=auth()),
+                  lambda url=url: client.delete(url, headers=auth())]
+    responses = await concurrently(*calls)
+    assert {r.status_code for r in responses} <= {200, 204, 404}
+    assert [r.status_code for r in responses[2::3]] == [204] * 20  # every delete found its task
+    assert await task_rows(client, "alice") == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Production: real processes, as the Procfile runs them
+
+PROCFILE_COMMAND = (HERE / "Procfile").read_text().partition("web:")[2].strip()
+
+
+class ServiceProcess:
+    """The service in its own process, started with the Procfile's command; it logs to `log`."""
+
+    def __init__(self, database: Target, directory: Path):
+        self.port = free_port()
+        self.log = directory / f"service-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
+        env.update(DATABASE_URL=database.url, DATABASE_POOLED=str(database.pooled).lower(),
+                   BETTER_AUTH_SECRET=SECRET, PORT=str(self.port), PYTHONPATH=str(HERE))
+        command = shlex.split(PROCFILE_COMMAND.replace("$PORT", str(self.port)))
+        assert command[0] == "uvicorn"
+        command[0:1] = [sys.executable, "-m", "uvicorn"]  # the uvicorn of this environment
+        with open(self.log, "ab") as log:  # cwd: a directory without the developer's .env
+            self.process = subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def serving(self, seconds: float = 30) -> None:
+        with anyio.fail_after(seconds):
+            async with httpx.AsyncClient(base_url=self.url) as http:
+                while True:
+                    assert self.process.poll() is None, self.log.read_text()
+                    try:
+                        if (await http.get("/health")).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass
+                    await anyio.sleep(0.1)
+
+    def stop(self) -> bool:
+        """SIGTERM, as the platform sends on deploy or scale-down; True if it shut down cleanly."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal after its graceful shutdown, so -SIGTERM is a clean exit too.
+        return self.process.wait(30) in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log.read_text()
+
+
+@pytest.fixture
+async def empty_database(database, tmp_path):
+    """The test's database with the schema applied and no rows."""
+    db = service.open_database(database.url, database.pooled)
+    await db.connect()
+    await service.apply_schema(db)
+    await db.execute("DELETE FROM users")
+    await db.disconnect()
+    return database
+
+
+@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+async def test_three_instances_started_together_on_an_empty_database_all_serve(database, postgres_url, tmp_path):
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
+    fresh = Target(database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled)
+    instances = [ServiceProcess(fresh, tmp_path) for _ in range(3)]
+    try:
+        for instance in instances:
+            await instance.serving()
+        for i, instance in enumerate(instances):
+            async with httpx.AsyncClient(base_url=instance.url) as http:
+                assert (await http.post("/api/tasks", json={"title": f"via {i}"}, headers=auth())).status_code == 201
+        async with httpx.AsyncClient(base_url=instances[0].url) as http:
+            assert (await http.get("/api/tasks", headers=auth())).headers["x-total-count"] == "3"
+    finally:
+        assert [instance.stop() for instance in instances] == [True, True, True]
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+async def test_schema_set_up_is_safe_when_many_instances_race_for_it(database, postgres_url):
+    """The same race as above, tighter: many apply_schema at once on fresh databases, in one process."""
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        for _ in range(3):
+            name = f"fresh_{uuid.uuid4().hex[:12]}"
+            await admin.execute(f'CREATE DATABASE "{name}"')
+            # One connection per instance (min_size, max_size: read by `databases` from the URL).
+            url = urlsplit(database.url)._replace(path=f"/{name}", query="min_size=1&max_size=1").geturl()
+            databases = [service.open_database(url, database.pooled) for _ in range(12)]
+            await concurrently(*[db.connect for db in databases])
+            try:
+                with anyio.fail_after(30):
+                    await concurrently(*[lambda db=db: service.apply_schema(db) for db in databases])
+            finally:
+                await concurrently(*[db.disconnect for db in databases])
+                await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+class RowLock:
+    """Holds a write lock on one task from outside the service, so that a request on it stays in
+    flight until `release()`: FOR UPDATE on PostgreSQL, the database's write lock on SQLite."""
+
+    def __init__(self, database: Target, postgres_url: str | None):
+        self.database, self.postgres_url = database, postgres_url
+
+    async def hold(self, task_id: str):
+        if self.database.kind == "sqlite":
+            self.connection = sqlite3.connect(urlsplit(self.database.url).path[1:], isolation_level=None)
+            self.connection.execute("BEGIN IMMEDIATE")
+        else:
+            self.connection = await asyncpg.connect(self.postgres_url)
+            self.transaction = self.connection.transaction()
+            await self.transaction.start()
+            await self.connection.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", task_id)
+
+    async def release(self):
+        if self.database.kind == "sqlite":
+            self.connection.execute("ROLLBACK")
+            self.connection.close()
+        else:
+            await self.transaction.rollback()
+            await self.connection.close()
+
+
+async def test_sigterm_finishes_requests_in_flight_and_loses_no_acknowledged_write(empty_database, request, tmp_path):
+    database = empty_database
+    postgres_url = None if database.kind == "sqlite" else request.getfixturevalue("postgres_url")
+    first = ServiceProcess(database, tmp_path)
+    await first.serving()
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
+        acknowledged = []
+        for i in range(20):
+            response = await http.post("/api/tasks", json={"title": f"before {i}"}, headers=auth())
+            assert response.status_code == 201
+            acknowledged.append(response.json()["data"])
+
+        lock = RowLock(database, postgres_url)
+        await lock.hold(acknowledged[0]["id"])
+        results = {}
+
+        async def in_flight():
+            url = f"/api/tasks/{acknowledged[0]['id']}"
+            results["in flight"] = await http.patch(url, json={"title": "finished after SIGTERM"}, headers=auth())
+
+        async def more_writes(i):
+            try:
+                response = await http.post("/api/tasks", json={"title": f"racing {i}"}, headers=auth())
+            except httpx.TransportError:
+                return  # refused during shutdown: not acknowledged
+            if response.status_code == 201:
+                acknowledged.append(response.json()["data"])
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(in_flight)
+            await anyio.sleep(0.5)  # the PATCH now waits for the lock
+            for i in range(10):
+                group.start_soon(more_writes, i)
+            first.process.send_signal(signal.SIGTERM)
+            await anyio.sleep(1)
+            assert first.process.poll() is None  # still draining: it waits for the PATCH
+            await lock.release()
+        assert results["in flight"].status_code == 200
+        assert first.stop()
+
+    log = first.log.read_text()  # the process's stdout: one line per request
+    assert log.count("POST /api/tasks 201") == len(acknowledged) and "Traceback" not in log
+
+    second = ServiceProcess(database, tmp_path)
+    await second.serving()
+    try:
+        async with httpx.AsyncClient(base_url=second.url) as http:
+            stored = (await http.get("/api/tasks?limit=1000", headers=auth())).json()["data"]
+        titles = {task["id"]: task["title"] for task in stored}
+        assert all(task["id"] in titles for task in acknowledged)
+        assert titles[acknowledged[0]["id"]] == "finished after SIGTERM"
+    finally:
+        assert second.stop()
