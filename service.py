@@ -10,6 +10,7 @@ Try it:      python service.py token alice  (prints a one-hour token for user "a
 """
 
 import asyncio
+import copy
 import json
 import logging
 import re
@@ -25,6 +26,7 @@ from urllib.parse import quote, urlsplit
 
 import asyncpg
 import jwt
+import yaml
 from databases import Database, DatabaseURL
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration, read once from the environment or a .env file.
@@ -546,6 +549,27 @@ def reply(request: Request, body, status_code: int = 200, headers: dict | None =
 
 
 async def list_tasks(request: Request) -> Response:
+    """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match.
+    ---
+    summary: List tasks
+    parameters:
+      - {name: completed, in: query, schema: {type: string, enum: ["true", "false"]}}
+      - {name: status, in: query, schema: {type: string, enum: [all, pending, completed], default: all}}
+      - {name: q, in: query, description: "case-insensitive text in title or description; % and _ are literal",
+         schema: {type: string, maxLength: 1200}}
+      - {name: sort, in: query, schema: {type: string, enum: [created_at, updated_at, title], default: created_at}}
+      - {name: order, in: query, schema: {type: string, enum: [asc, desc], default: desc}}
+      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 100}}
+      - {name: offset, in: query, schema: {type: integer, format: int64, minimum: 0, default: 0}}
+    responses:
+      "200":
+        description: the page of tasks
+        headers: {X-Total-Count: {schema: {type: integer, minimum: 0}, description: matches over all pages}}
+        content: {application/json: {schema: {type: array, items: {$ref: "#/components/schemas/Task"}}}}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "422": {$ref: "#/components/responses/Invalid"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     query = parse_list_query(request.query_params)
     database = request.app.state.database
@@ -564,6 +588,21 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def create_task(request: Request) -> Response:
+    """
+    ---
+    summary: Create a task
+    requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/NewTask"}}}}
+    responses:
+      "201":
+        description: the task created
+        headers: {Location: {schema: {type: string}, description: the new task's URL}}
+        content: {application/json: {schema: {$ref: "#/components/schemas/Task"}}}
+      "400": {$ref: "#/components/responses/NotJSON"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "422": {$ref: "#/components/responses/Invalid"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     fields = parse_task_fields(await read_json_body(request), partial=False)
     database, now = request.app.state.database, utc_now()
@@ -585,6 +624,16 @@ async def create_task(request: Request) -> Response:
 
 
 async def get_task(request: Request) -> Response:
+    """
+    ---
+    summary: Get a task
+    parameters: [{$ref: "#/components/parameters/task_id"}]
+    responses:
+      "200": {$ref: "#/components/responses/Task"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     values = {"id": task_id_or_404(request), "user_id": user_id}
     row = await request.app.state.database.fetch_one(SELECT_TASK, values)
@@ -594,6 +643,20 @@ async def get_task(request: Request) -> Response:
 
 
 async def update_task(request: Request) -> Response:
+    """PUT and PATCH alike: change the fields given, at least one.
+    ---
+    summary: Update a task
+    parameters: [{$ref: "#/components/parameters/task_id"}]
+    requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/TaskChanges"}}}}
+    responses:
+      "200": {$ref: "#/components/responses/Task"}
+      "400": {$ref: "#/components/responses/NotJSON"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "422": {$ref: "#/components/responses/Invalid"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
     fields = parse_task_fields(await read_json_body(request), partial=True)
@@ -608,7 +671,20 @@ async def update_task(request: Request) -> Response:
 
 
 async def complete_task(request: Request) -> Response:
-    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}."""
+    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}.
+    ---
+    summary: Flip or set completed (/complete and /toggle are the same)
+    parameters: [{$ref: "#/components/parameters/task_id"}]
+    requestBody: {required: false, content: {application/json: {schema: {$ref: "#/components/schemas/Completion"}}}}
+    responses:
+      "200": {$ref: "#/components/responses/Task"}
+      "400": {$ref: "#/components/responses/NotJSON"}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "413": {$ref: "#/components/responses/TooLarge"}
+      "422": {$ref: "#/components/responses/Invalid"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
     completed = parse_completed_body(await read_json_body(request, required=False))
@@ -623,6 +699,16 @@ async def complete_task(request: Request) -> Response:
 
 
 async def delete_task(request: Request) -> Response:
+    """
+    ---
+    summary: Delete a task
+    parameters: [{$ref: "#/components/parameters/task_id"}]
+    responses:
+      "204": {description: deleted}
+      "401": {$ref: "#/components/responses/Unauthorized"}
+      "404": {$ref: "#/components/responses/NotFound"}
+      "503": {$ref: "#/components/responses/Unavailable"}
+    """
     user_id = await current_user_id(request)
     values = {"id": task_id_or_404(request), "user_id": user_id}
     if await request.app.state.database.fetch_one(DELETE_TASK, values) is None:
@@ -631,6 +717,18 @@ async def delete_task(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """
+    ---
+    summary: Is the service up, and does its database answer?
+    security: []
+    responses:
+      "200":
+        description: serving
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+      "503":
+        description: the database does not answer
+        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
+    """
     try:
         await request.app.state.database.fetch_val("SELECT 1")
     except Exception:
@@ -644,7 +742,12 @@ async def health(request: Request) -> Response:
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names only the first route on the path; each method here has its own.
+        allowed = {method for route in request.app.routes if route.path_regex.fullmatch(request.url.path) for method in route.methods}
+        headers = {"Allow": ", ".join(sorted(allowed))}
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
 
 def is_database_outage(exc: Exception) -> bool:
@@ -725,6 +828,118 @@ class RequestLog:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The OpenAPI document: Starlette's SchemaGenerator reads each handler's docstring (after ---);
+# what the handlers share is described once here.
+
+OPENAPI_BASE = yaml.safe_load(r"""
+openapi: 3.0.3
+info:
+  title: Task service
+  version: "1.0"
+  description: >
+    Each user's tasks. Path-scoped routes (/api/{user_id}/...) answer with bare bodies and need
+    {user_id} to be the token's subject; token-scoped routes (/api/...) wrap bodies as {"data": ...}.
+security: [{bearer: []}]
+components:
+  securitySchemes:
+    bearer: {type: http, scheme: bearer, bearerFormat: JWT}
+  parameters:
+    task_id: {name: task_id, in: path, required: true, schema: {type: string, format: uuid}}
+    user_id: {name: user_id, in: path, required: true, description: "the token's sub", schema: {type: string}}
+  schemas:
+    Task:
+      type: object
+      additionalProperties: false
+      required: [id, user_id, title, description, completed, created_at, updated_at]
+      properties:
+        id: {type: string, format: uuid}
+        user_id: {type: string}
+        title: {type: string, minLength: 1, maxLength: 200}
+        description: {type: string, maxLength: 1000, nullable: true}
+        completed: {type: boolean}
+        created_at: {type: string, format: date-time}
+        updated_at: {type: string, format: date-time}
+    NewTask:
+      type: object
+      required: [title]
+      properties: &fields
+        title: {type: string, minLength: 1, maxLength: 200, description: "trimmed, then 1 to 200 characters"}
+        description: {type: string, maxLength: 1000, nullable: true}
+        completed: {type: boolean}
+    TaskChanges:
+      type: object
+      description: at least one of the fields
+      anyOf: [{required: [title]}, {required: [description]}, {required: [completed]}]
+      properties: *fields
+    Completion:
+      type: object
+      properties: {completed: {type: boolean, description: "set to this; without it, flip"}}
+    Health:
+      type: object
+      required: [status, database]
+      properties: {status: {type: string, enum: [ok, unavailable]}, database: {type: string, enum: [ok, unavailable]}}
+    Error:
+      type: object
+      required: [detail]
+      properties: {detail: {type: string}}
+    ValidationError:
+      type: object
+      required: [detail]
+      properties:
+        detail:
+          type: array
+          items:
+            type: object
+            required: [loc, msg, type]
+            properties: {loc: {type: array, items: {type: string}}, msg: {type: string}, type: {type: string}}
+  responses:
+    Task: {description: the task, content: {application/json: {schema: {$ref: "#/components/schemas/Task"}}}}
+    NotJSON: &error {description: the body is not JSON, content: {application/json: {schema: {$ref: "#/components/schemas/Error"}}}}
+    Unauthorized:
+      <<: *error
+      description: no, or a bad, bearer token
+      headers: {WWW-Authenticate: {schema: {type: string, enum: [Bearer]}}}
+    Forbidden: {<<: *error, description: "{user_id} is not the token's subject"}
+    NotFound: {<<: *error, description: "no such task for this user (the same for another user's task)"}
+    TooLarge: {<<: *error, description: the body is over 64 KiB}
+    Invalid:
+      description: a field or query parameter is invalid
+      content: {application/json: {schema: {$ref: "#/components/schemas/ValidationError"}}}
+    Unavailable: {<<: *error, description: the database does not answer; try again}
+""")
+
+
+class TaskSchemaGenerator(SchemaGenerator):
+    """Starlette's generator, plus the two route families' differences: the path-scoped family's
+    {user_id} parameter and 403, and the token-scoped family's {"data": ...} envelope."""
+
+    def get_schema(self, routes: list) -> dict:
+        schema = super().get_schema(routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                responses = operation["responses"]
+                if path.startswith("/api/{user_id}/"):
+                    operation["parameters"] = [{"$ref": "#/components/parameters/user_id"}, *operation.get("parameters", [])]
+                    responses["403"] = {"$ref": "#/components/responses/Forbidden"}
+                elif path.startswith("/api/"):
+                    for status in [status for status in responses if status.startswith("2")]:
+                        responses[status] = self.enveloped(responses[status])
+        return schema
+
+    def enveloped(self, response: dict) -> dict:
+        if "$ref" in response:  # a shared response: enveloped in a copy
+            response = copy.deepcopy(self.base_schema["components"]["responses"][response["$ref"].rpartition("/")[2]])
+        if "content" in response:
+            content = response["content"]["application/json"]
+            content["schema"] = {"type": "object", "required": ["data"], "properties": {"data": content["schema"]}}
+        return response
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Routes and app
 
 
@@ -745,6 +960,7 @@ def task_routes(prefix: str) -> list:
 # would otherwise be read as the path-scoped list of a user called "tasks").
 routes = [
     Route("/health", health, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     *task_routes("/api"),
     *task_routes("/api/{user_id}"),
 ]
@@ -785,6 +1001,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.database = database
+    app.state.openapi = TaskSchemaGenerator(OPENAPI_BASE).get_schema(routes)
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 

@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 import anyio
 import asyncpg
 import httpx
+import hypothesis
+import schemathesis
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -706,15 +708,17 @@ async def test_unknown_route_is_404_json(client):
 
 
 @pytest.mark.parametrize(
-    "method, url",
-    [("DELETE", "/api/tasks"), ("POST", "/api/alice/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10"),
-     ("GET", "/api/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10/toggle"), ("POST", "/health")],
+    "method, url, allowed",
+    [("DELETE", "/api/tasks", "GET, HEAD, POST"),
+     ("POST", "/api/alice/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10", "DELETE, GET, HEAD, PATCH, PUT"),
+     ("GET", "/api/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10/toggle", "PATCH"),
+     ("POST", "/health", "GET, HEAD")],
 )
-async def test_wrong_method_is_405_json_with_allow(client, method, url):
+async def test_wrong_method_is_405_json_listing_every_allowed_method(client, method, url, allowed):
     response = await client.request(method, url, headers=auth())
     assert response.status_code == 405
     assert response.json() == {"detail": "Method Not Allowed"}
-    assert response.headers["allow"]
+    assert response.headers["allow"] == allowed
 
 
 async def test_an_unexpected_error_is_a_bare_500(client, monkeypatch, caplog):
@@ -1670,17 +1674,18 @@ class ServiceProcess:
             self.process = subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
 
-    async def serving(self, seconds: float = 30) -> None:
-        with anyio.fail_after(seconds):
-            async with httpx.AsyncClient(base_url=self.url) as http:
-                while True:
-                    assert self.process.poll() is None, self.log.read_text()
-                    try:
-                        if (await http.get("/health")).status_code == 200:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    await anyio.sleep(0.1)
+    def serving(self, seconds: float = 30) -> None:
+        """Wait until it answers /health (it blocks: the process starts in about a second)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.url} did not come up: {self.log.read_text()}")
 
     def stop(self) -> bool:
         """SIGTERM, as the platform sends on deploy or scale-down; True if it shut down cleanly."""
@@ -1710,7 +1715,7 @@ async def test_three_instances_started_together_on_an_empty_database_all_serve(d
     instances = [ServiceProcess(fresh, tmp_path) for _ in range(3)]
     try:
         for instance in instances:
-            await instance.serving()
+            instance.serving()
         for i, instance in enumerate(instances):
             async with httpx.AsyncClient(base_url=instance.url) as http:
                 assert (await http.post("/api/tasks", json={"title": f"via {i}"}, headers=auth())).status_code == 201
@@ -1774,7 +1779,7 @@ async def test_sigterm_finishes_requests_in_flight_and_loses_no_acknowledged_wri
     database = empty_database
     postgres_url = None if database.kind == "sqlite" else request.getfixturevalue("postgres_url")
     first = ServiceProcess(database, tmp_path)
-    await first.serving()
+    first.serving()
     async with httpx.AsyncClient(base_url=first.url, timeout=30) as http:
         acknowledged = []
         for i in range(20):
@@ -1814,7 +1819,7 @@ async def test_sigterm_finishes_requests_in_flight_and_loses_no_acknowledged_wri
     assert log.count("POST /api/tasks 201") == len(acknowledged) and "Traceback" not in log
 
     second = ServiceProcess(database, tmp_path)
-    await second.serving()
+    second.serving()
     try:
         async with httpx.AsyncClient(base_url=second.url) as http:
             stored = (await http.get("/api/tasks?limit=1000", headers=auth())).json()["data"]
@@ -1823,3 +1828,55 @@ async def test_sigterm_finishes_requests_in_flight_and_loses_no_acknowledged_wri
         assert titles[acknowledged[0]["id"]] == "finished after SIGTERM"
     finally:
         assert second.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The OpenAPI document, and fuzzing the service from it
+
+OPENAPI = schemathesis.openapi.from_dict(service.app.state.openapi)
+FUZZ_EXAMPLES = 25  # per operation and database: the whole suite stays well under 5 minutes
+
+
+async def test_openapi_document_describes_every_route(client):
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    operations = {(path, method.upper()) for path, methods in document["paths"].items() for method in methods}
+    served = {(route.path, method) for route in client.app.routes
+              for method in route.methods - {"HEAD"} if route.path != "/openapi.json"}
+    assert operations == served and len(served) == 17
+    for (path, method) in operations:
+        operation = document["paths"][path][method.lower()]
+        assert operation["summary"] and "503" in operation["responses"], (path, method)
+        if path.startswith("/api/"):
+            assert "401" in operation["responses"]
+        if path.startswith("/api/{user_id}/"):
+            assert "403" in operation["responses"]
+    assert document["paths"]["/api/tasks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
+        "properties"]["data"]["type"] == "array"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "pgbouncer"])
+def fuzzed_service(request, tmp_path_factory):
+    """A real service process on each database, for the fuzzer."""
+    directory = tmp_path_factory.mktemp("fuzz")
+    if request.param == "sqlite":
+        target = Target("sqlite", f"sqlite:///{directory}/tasks.db")
+    elif request.param == "postgresql":
+        target = Target("postgresql", request.getfixturevalue("postgres_url"))
+    else:
+        target = Target("pgbouncer", request.getfixturevalue("pgbouncer_url"), pooled=True)
+    process = ServiceProcess(target, directory)
+    process.serving()
+    yield process
+    assert process.stop()
+    assert "Traceback" not in process.log.read_text()
+
+
+@OPENAPI.parametrize()
+@hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_departure_from_it(case, fuzzed_service):
+    if "user_id" in (case.path_parameters or {}):
+        case.path_parameters["user_id"] = "alice"  # the token's subject, so calls get past the 403
+    case.call_and_validate(base_url=fuzzed_service.url, headers=auth("alice"))
