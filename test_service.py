@@ -388,10 +388,10 @@ async def test_health_reports_the_database(client):
 
 
 async def test_health_is_503_when_the_database_does_not_answer(client, monkeypatch):
-    async def no_answer(*args, **kwargs):
+    def no_answer():
         raise ConnectionRefusedError("database down")
 
-    monkeypatch.setattr(client.database, "fetch_val", no_answer)
+    monkeypatch.setattr(client.database, "connection", no_answer)  # every statement starts here
     response = await client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
@@ -722,10 +722,10 @@ async def test_wrong_method_is_405_json_listing_every_allowed_method(client, met
 
 
 async def test_an_unexpected_error_is_a_bare_500(client, monkeypatch, caplog):
-    async def broken(*args, **kwargs):
+    def broken():
         raise RuntimeError("internal detail: connection string postgres://secret")
 
-    monkeypatch.setattr(client.database, "fetch_all", broken)
+    monkeypatch.setattr(client.database, "connection", broken)
     response = await client.get("/api/tasks", headers=auth())
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal server error"}
@@ -1043,10 +1043,10 @@ async def test_path_user_must_be_the_token_subject(client):
 
 
 async def test_forbidden_comes_before_any_database_work(client, monkeypatch):
-    async def untouchable(*args, **kwargs):
+    def untouchable(*args, **kwargs):
         raise AssertionError("the database was touched")
 
-    for method in ("fetch_all", "fetch_one", "fetch_val", "execute", "transaction"):
+    for method in ("connection", "transaction", "fetch_all", "fetch_one", "fetch_val", "execute"):
         monkeypatch.setattr(client.database, method, untouchable)
     for method, url, body in [("GET", "/api/alice/tasks", None), ("POST", "/api/alice/tasks", {"title": "x"})]:
         response = await client.request(method, url, json=body, headers=auth("bob"))
@@ -1086,12 +1086,12 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
         node
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
+        and (isinstance(node.func, ast.Attribute) and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
+             or isinstance(node.func, ast.Name) and node.func.id == "run")
     ]
-    assert len(database_calls) >= 8
+    assert len(database_calls) >= 10
     for call in database_calls:
-        statement = call.args[0]
+        statement = call.args[1] if isinstance(call.func, ast.Name) else call.args[0]
         assert not isinstance(statement, (ast.JoinedStr, ast.BinOp)), ast.unparse(call)
         if isinstance(statement, ast.Constant):
             assert "tasks" not in statement.value, ast.unparse(call)
@@ -1427,10 +1427,10 @@ async def test_a_missing_or_unsafe_request_id_is_replaced(client, caplog, offere
 
 async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="service")
-    async def broken(*args, **kwargs):
+    def broken():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(client.database, "fetch_one", broken)
+    monkeypatch.setattr(client.database, "connection", broken)
     task_url = f"/api/tasks/{uuid.uuid4()}"
     response = await client.get(task_url, headers={**auth(), "X-Request-ID": "boom-1"})
     assert response.status_code == 500 and response.json() == {"detail": "Internal server error"}
@@ -1441,11 +1441,10 @@ async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeyp
 
 
 async def outage(client, monkeypatch):
-    async def refused(*args, **kwargs):
+    def refused():
         raise ConnectionRefusedError("database down")
 
-    for method in ("fetch_all", "fetch_one"):
-        monkeypatch.setattr(client.database, method, refused)
+    monkeypatch.setattr(client.database, "connection", refused)
 
 
 RESPONSES = {
@@ -1467,7 +1466,7 @@ RESPONSES = {
 async def test_every_api_response_is_no_store_and_nosniff(client, monkeypatch, name):
     task = await create(client)
     if name == "500-error":
-        monkeypatch.setattr(client.database, "fetch_all", None)  # calling None: a TypeError
+        monkeypatch.setattr(client.database, "connection", None)  # calling None: a TypeError
         response = await client.get("/api/tasks", headers=auth())
     elif name == "503-outage":
         await outage(client, monkeypatch)

@@ -1,0 +1,441 @@
+"""Benchmark the task service against its floor, on PostgreSQL.
+
+    python bench.py                      # mixed workload: service, then floor; a table and the ratios
+    python bench.py --json               # the same, as JSON
+    python bench.py --scale              # first-page list and get on 1,000 vs 1,000,000 tasks, and EXPLAIN
+
+PostgreSQL is started the way the test suite starts it, or taken from BENCH_DATABASE_URL (its tasks
+and users tables are emptied). The service runs as a real one-worker `uvicorn service:app` process.
+The floor is a bare ASGI callable (below) under the same uvicorn: it verifies the same JWT and runs the
+same SQL text from service.py with asyncpg directly, with no framework and no `databases`. The load
+generator runs in its own process and speaks HTTP/1.1 over raw keep-alive sockets.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import multiprocessing
+import socket
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+SECRET = "bench-secret-" + "0123456789abcdef" * 3
+os.environ.setdefault("BETTER_AUTH_SECRET", SECRET)
+os.environ["BETTER_AUTH_SECRET"] = SECRET
+
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+import jwt  # noqa: E402
+
+import service  # noqa: E402
+
+logging.getLogger("httpx").setLevel(logging.WARNING)  # service.py logs at INFO; the bench's own calls are noise
+logging.getLogger("databases").setLevel(logging.WARNING)
+
+HERE = Path(__file__).parent
+ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
+# The fixed mix, one cycle of ten requests: reads dominate, and creates balance deletes.
+MIX = ("list", "get", "list", "get", "create", "toggle", "get", "update", "list", "delete")
+EXPECTED_STATUS = {"list": 200, "get": 200, "create": 201, "toggle": 200, "update": 200, "delete": 204}
+
+# ---------------------------------------------------------------------------------------------------
+# The floor: the same work as the service's handlers, with nothing between uvicorn and asyncpg.
+
+
+def positional(sql: str) -> tuple[str, list[str]]:
+    """service.py's SQL with :name parameters, as asyncpg's $1, $2 ...; and the names in order."""
+    names: list[str] = []
+
+    def number(match):
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"(?<!:):([a-z_]+)", number, sql), names
+
+
+class FloorStatement:
+    def __init__(self, sql: str):
+        self.sql, self.names = positional(sql)
+
+    def args(self, **values):
+        return [values[name] for name in self.names]
+
+
+FLOOR_LIST = FloorStatement(service.LIST_TASKS[("created_at", "desc")])
+FLOOR_SELECT = FloorStatement(service.SELECT_TASK)
+FLOOR_INSERT_USER = FloorStatement(service.INSERT_USER)
+FLOOR_INSERT = FloorStatement(service.INSERT_TASK)
+FLOOR_TOGGLE = FloorStatement(service.TOGGLE_TASK)
+FLOOR_UPDATE = FloorStatement(service.UPDATE_TASK)
+FLOOR_DELETE = FloorStatement(service.DELETE_TASK)
+FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
+
+
+def floor_task(row) -> dict:
+    return {"id": row["id"], "user_id": row["user_id"], "title": row["title"], "description": row["description"],
+            "completed": row["completed"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
+
+
+async def floor(scope, receive, send):
+    """The bare ASGI app: `uvicorn bench:floor`."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"])
+            await send({"type": "lifespan.startup.complete"})
+        await floor.pool.close()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    body = b""
+    while (message := await receive()).get("more_body"):
+        body += message.get("body", b"")
+    body += message.get("body", b"")
+    status, payload = await floor_handle(scope, body)
+    content = b"" if payload is None else json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})
+
+
+async def floor_handle(scope, body: bytes):
+    if scope["path"] == "/health":
+        return 200, {"status": "ok"}
+    authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
+    try:
+        claims = jwt.decode(authorization[7:], SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+    except jwt.InvalidTokenError:
+        return 401, {"detail": "Invalid or expired token"}
+    route = FLOOR_ROUTE.match(scope["path"])
+    if route is None or route.group(1) != claims["sub"]:
+        return 404, {"detail": "Not Found"}
+    user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
+    async with floor.pool.acquire() as connection:
+        if task_id is None and method == "GET":
+            rows = await connection.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(
+                user_id=user_id, completed=None, pattern=None, limit=50, offset=0))
+            return 200, [floor_task(row) for row in rows]
+        if task_id is None:
+            fields = json.loads(body)
+            async with connection.transaction():
+                await connection.execute(FLOOR_INSERT_USER.sql, *FLOOR_INSERT_USER.args(user_id=user_id, email=None, now=now))
+                row = await connection.fetchrow(FLOOR_INSERT.sql, *FLOOR_INSERT.args(
+                    id=str(uuid.uuid4()), user_id=user_id, title=fields["title"].strip(), description=None,
+                    completed=False, now=now))
+            return 201, floor_task(row)
+        if method == "GET":
+            row = await connection.fetchrow(FLOOR_SELECT.sql, *FLOOR_SELECT.args(id=task_id, user_id=user_id))
+        elif method == "PATCH":
+            row = await connection.fetchrow(FLOOR_TOGGLE.sql, *FLOOR_TOGGLE.args(id=task_id, user_id=user_id, now=now))
+        elif method == "PUT":
+            title = json.loads(body)["title"].strip()
+            row = await connection.fetchrow(FLOOR_UPDATE.sql, *FLOOR_UPDATE.args(
+                id=task_id, user_id=user_id, now=now, set_title=True, title=title, set_description=False,
+                description=None, set_completed=False, completed=None))
+        else:
+            row = await connection.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
+            return (404, {"detail": "Task not found"}) if row is None else (204, None)
+    return (404, {"detail": "Task not found"}) if row is None else (200, floor_task(row))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The database: seeded users and tasks, and their tokens
+
+
+def token(user_id: str) -> str:
+    now = datetime.now(timezone.utc)
+    return jwt.encode({"sub": user_id, "iat": now, "exp": now + timedelta(hours=2)}, SECRET, algorithm="HS256")
+
+
+async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") -> dict[str, list[str]]:
+    """Empty the tables and fill them; the task ids of each user."""
+    db = service.open_database(url)
+    await db.connect()
+    await service.apply_schema(db)  # the same schema the service applies
+    await db.disconnect()
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("TRUNCATE users, tasks")
+        now = service.utc_now()
+        owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
+        await connection.copy_records_to_table("users", records=[(u, None, now) for u in owned],
+                                               columns=["id", "email", "created_at"])
+        rows = ((task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now)
+                for user, ids in owned.items() for i, task_id in enumerate(ids))
+        await connection.copy_records_to_table(
+            "tasks", records=rows,
+            columns=["id", "user_id", "title", "description", "completed", "created_at", "updated_at"])
+        await connection.execute("ANALYZE users; ANALYZE tasks")
+    finally:
+        await connection.close()
+    return owned
+
+
+# ---------------------------------------------------------------------------------------------------
+# The load generator: its own process, raw HTTP/1.1 keep-alive, one loop per connection
+
+
+def request_bytes(method: str, path: str, bearer: str, body: bytes = b"") -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {bearer}\r\n"
+    if method in ("POST", "PUT", "PATCH"):
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def read_response(reader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = re.search(rb"(?i)content-length: *(\d+)", head)
+    body = await reader.readexactly(int(length.group(1))) if length else b""
+    return status, body
+
+
+async def drive_connection(port, owned, tokens, stop_at, record):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    users, step = list(owned), 0
+    try:
+        while time.perf_counter() < stop_at:
+            user, endpoint = users[step % len(users)], MIX[step % len(MIX)]
+            step += 1
+            ids, base = owned[user], f"/api/{user}/tasks"
+            if endpoint != "create" and endpoint != "list" and not ids:
+                endpoint = "create"
+            if endpoint == "list":
+                message = request_bytes("GET", base + "?limit=50", tokens[user])
+            elif endpoint == "create":
+                message = request_bytes("POST", base, tokens[user], b'{"title": "benchmark task"}')
+            elif endpoint == "get":
+                message = request_bytes("GET", f"{base}/{ids[step % len(ids)]}", tokens[user])
+            elif endpoint == "toggle":
+                message = request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}/toggle", tokens[user])
+            elif endpoint == "update":
+                message = request_bytes("PUT", f"{base}/{ids[step % len(ids)]}", tokens[user], b'{"title": "renamed"}')
+            else:
+                message = request_bytes("DELETE", f"{base}/{ids.pop()}", tokens[user])
+            started = time.perf_counter()
+            writer.write(message)
+            status, body = await read_response(reader)
+            record(endpoint, (time.perf_counter() - started) * 1000, status == EXPECTED_STATUS[endpoint])
+            if endpoint == "create" and status == 201:
+                ids.append(json.loads(body)["id"])
+    finally:
+        writer.close()
+
+
+def load_generator(port, owned, concurrency, warmup, duration, results):
+    """Runs in its own process; puts {endpoint: (latencies in ms, errors)} on `results`."""
+    tokens = {user: token(user) for user in owned}
+    slices = [{u: owned[u] for u in list(owned)[c::concurrency]} for c in range(concurrency)]
+    latencies = {endpoint: [] for endpoint in ENDPOINTS}
+    errors = dict.fromkeys(ENDPOINTS, 0)
+    measuring = False
+
+    def record(endpoint, ms, ok):
+        if measuring:
+            latencies[endpoint].append(ms)
+            errors[endpoint] += not ok
+
+    async def run():
+        nonlocal measuring
+        start = time.perf_counter()
+        stop_at = start + warmup + duration
+        workers = [asyncio.create_task(drive_connection(port, s, tokens, stop_at, record)) for s in slices if s]
+        await asyncio.sleep(warmup)
+        measuring = True
+        await asyncio.gather(*workers)
+
+    asyncio.run(run())
+    results.put({endpoint: (latencies[endpoint], errors[endpoint]) for endpoint in ENDPOINTS})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running a target (the service or the floor) under the load
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, "PYTHONPATH": str(HERE)}
+    for name in ("BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", "1", "--no-access-log",
+         "--log-level", "warning"], cwd=HERE, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process, port
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{app} did not start")
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def measure(app: str, database_url: str, args) -> dict:
+    owned = asyncio.run(seed(database_url, args.users, args.tasks))
+    process, port = start_server(app, database_url)
+    try:
+        results = multiprocessing.Queue()
+        generator = multiprocessing.Process(
+            target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results))
+        generator.start()
+        measured = results.get(timeout=args.warmup + args.duration + 120)
+        generator.join()
+        rss = peak_rss_mib(process.pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+    report = {"peak_rss_mib": round(rss, 1), "endpoints": {}}
+    everything = []
+    for endpoint, (latencies, errors) in measured.items():
+        report["endpoints"][endpoint] = summary(latencies, errors, args.duration)
+        everything += latencies
+    report["overall"] = summary(everything, sum(e for _, e in measured.values()), args.duration)
+    return report
+
+
+def summary(latencies: list[float], errors: int, duration: float) -> dict:
+    ordered = sorted(latencies) or [0.0]
+
+    def percentile(p):
+        return round(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))], 2)
+
+    return {"requests": len(latencies), "rps": round(len(latencies) / duration, 1),
+            "mean_ms": round(statistics.fmean(ordered), 3),
+            "p50_ms": percentile(50), "p95_ms": percentile(95), "p99_ms": percentile(99), "errors": errors}
+
+
+def table(results: dict) -> str:
+    lines = ["| endpoint | service rps | p50 ms | p95 ms | p99 ms | errors | floor rps | floor p99 ms | service/floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in (*ENDPOINTS, "overall"):
+        s = results["service"]["endpoints"].get(name) or results["service"]["overall"]
+        f = results["floor"]["endpoints"].get(name) or results["floor"]["overall"]
+        lines.append(f"| {name} | {s['rps']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} "
+                     f"| {f['rps']} | {f['p99_ms']} | {results['ratio'][name]} |")
+    lines.append(f"\npeak RSS: service {results['service']['peak_rss_mib']} MiB, "
+                 f"floor {results['floor']['peak_rss_mib']} MiB")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scale: the same first-page list and get on a small and a large table
+
+
+async def timed_requests(port: int, user: str, task_id: str, rounds: int) -> dict:
+    bearer = token(user)
+    times = {"list": [], "get": []}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(rounds):
+            for name, path in (("list", f"/api/{user}/tasks?limit=50"), ("get", f"/api/{user}/tasks/{task_id}")):
+                started = time.perf_counter()
+                assert (await http.get(path, headers={"Authorization": f"Bearer {bearer}"})).status_code == 200
+                times[name].append((time.perf_counter() - started) * 1000)
+    return {name: round(statistics.median(values), 3) for name, values in times.items()}
+
+
+async def explain(url: str, user: str, task_id: str) -> dict:
+    connection = await asyncpg.connect(url)
+    try:
+        plans = {}
+        for name, statement, values in (
+            ("list", FLOOR_LIST, {"user_id": user, "completed": None, "pattern": None, "limit": 50, "offset": 0}),
+            ("get", FLOOR_SELECT, {"id": task_id, "user_id": user}),
+        ):
+            rows = await connection.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}",
+                                          *statement.args(**values))
+            plans[name] = "\n".join(row[0] for row in rows)
+        return plans
+    finally:
+        await connection.close()
+
+
+def scale(database_url: str, rounds: int) -> dict:
+    results = {}
+    # One user holds a tenth of the table in both: 100 of 1,000, and 100,000 of 1,000,000.
+    for size, users in (("1,000 tasks", 10), ("1,000,000 tasks", 10)):
+        per_user = 100 if size.startswith("1,000 ") else 100_000
+        owned = asyncio.run(seed(database_url, users, per_user))
+        user = next(iter(owned))
+        process, port = start_server("service:app", database_url)
+        try:
+            asyncio.run(timed_requests(port, user, owned[user][0], 20))  # warm up
+            results[size] = asyncio.run(timed_requests(port, user, owned[user][per_user // 2], rounds))
+        finally:
+            process.terminate()
+            process.wait(30)
+        results[size]["plans"] = asyncio.run(explain(database_url, user, owned[user][per_user // 2]))
+    small, large = results["1,000 tasks"], results["1,000,000 tasks"]
+    results["ratio"] = {name: round(large[name] / small[name], 2) for name in ("list", "get")}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--tasks", type=int, default=200, help="tasks per user")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=15, help="measured seconds per target")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--scale", action="store_true", help="the 1,000 vs 1,000,000 tasks comparison")
+    parser.add_argument("--rounds", type=int, default=200, help="--scale: requests of each kind per size")
+    args = parser.parse_args()
+
+    stop = None
+    database_url = os.environ.get("BENCH_DATABASE_URL")
+    if not database_url:
+        from test_service import start_postgres  # the way the suite starts it (imported here: the floor needn't)
+
+        database_url, stop = start_postgres()
+    try:
+        if args.scale:
+            results = scale(database_url, args.rounds)
+            if args.json:
+                print(json.dumps(results, indent=2))
+                return
+            for size in ("1,000 tasks", "1,000,000 tasks"):
+                print(f"{size}: median list {results[size]['list']} ms, get {results[size]['get']} ms")
+                for name, plan in results[size]["plans"].items():
+                    print(f"  EXPLAIN {name}:\n    " + plan.replace("\n", "\n    "))
+            print(f"large/small: {results['ratio']}")
+            return
+        results = {"service": measure("service:app", database_url, args),
+                   "floor": measure("bench:floor", database_url, args)}
+        # In a fixed mix every endpoint's rate is the same share of the total, so per endpoint the
+        # ratio compares time per request (floor mean / service mean): the rate each would reach
+        # alone at the same concurrency. Overall it is the throughput ratio itself.
+        service_run, floor_run = results["service"], results["floor"]
+        results["ratio"] = {name: round(floor_run["endpoints"][name]["mean_ms"]
+                                        / max(service_run["endpoints"][name]["mean_ms"], 1e-9), 2)
+                            for name in ENDPOINTS}
+        results["ratio"]["overall"] = round(service_run["overall"]["rps"] / max(floor_run["overall"]["rps"], 1e-9), 2)
+        results["settings"] = vars(args)
+        print(json.dumps(results, indent=2) if args.json else table(results))
+    finally:
+        if stop:
+            stop()
+
+
+if __name__ == "__main__":
+    main()
