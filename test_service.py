@@ -816,6 +816,46 @@ async def test_clock_skew_leeway_is_30_seconds(client, seconds_past_expiry, stat
     assert response.status_code == status
 
 
+@pytest.fixture
+def decodes(monkeypatch) -> list:
+    """Every full verification of a token (signature and claims), as it happens."""
+    calls, real_decode = [], jwt.decode
+
+    def counting_decode(*args, **kwargs):
+        calls.append(args[0])
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(service.jwt, "decode", counting_decode)
+    return calls
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(client, verifier, decodes):
+    headers = auth(expires_in=600)
+    for _ in range(3):
+        assert (await client.get("/api/tasks", headers=headers)).status_code == 200
+    assert len(decodes) == 1
+    real_clock = verifier.clock
+    verifier.clock = lambda: real_clock() + 600 + 31  # past exp and the 30 s leeway
+    response = await client.get("/api/tasks", headers=headers)
+    assert response.status_code == 401 and response.json() == {"detail": INVALID}
+
+
+async def test_a_remembered_token_is_checked_in_full_again_after_60_seconds(client, verifier, decodes):
+    headers = auth(expires_in=3600)
+    assert (await client.get("/api/tasks", headers=headers)).status_code == 200
+    real_clock = verifier.clock
+    verifier.clock = lambda: real_clock() + service.VERIFIED_TOKEN_SECONDS + 1
+    assert (await client.get("/api/tasks", headers=headers)).status_code == 200
+    assert len(decodes) == 2
+
+
+async def test_a_rejected_token_is_not_remembered(client, decodes):
+    headers = {"Authorization": "Bearer " + make_token(secret=ANOTHER_KEY)}
+    for _ in range(2):
+        assert (await client.get("/api/tasks", headers=headers)).status_code == 401
+    assert len(decodes) == 2
+
+
 # ---------------------------------------------------------------------------------------------------
 # Better Auth tokens: JWKS keys (EdDSA, ES256, RS256) beside HS256, and the attacks on them
 
