@@ -70,9 +70,10 @@ class FloorStatement:
         return [values[name] for name in self.names]
 
 
-FLOOR_LIST = FloorStatement(service.LIST_TASKS[("created_at", "desc")])
+FLOOR_LIST = FloorStatement(service.LIST_ALL_TASKS[("created_at", "desc")])
 FLOOR_SELECT = FloorStatement(service.SELECT_TASK)
-FLOOR_INSERT_USER = FloorStatement(service.INSERT_USER)
+FLOOR_COUNT_NEW = FloorStatement(service.COUNT_NEW_TASK)
+FLOOR_UNCOUNT = FloorStatement(service.UNCOUNT_DELETED_TASK)
 FLOOR_INSERT = FloorStatement(service.INSERT_TASK)
 FLOOR_TOGGLE = FloorStatement(service.TOGGLE_TASK)
 FLOOR_UPDATE = FloorStatement(service.UPDATE_TASK)
@@ -119,13 +120,12 @@ async def floor_handle(scope, body: bytes):
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
     async with floor.pool.acquire() as connection:
         if task_id is None and method == "GET":
-            rows = await connection.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(
-                user_id=user_id, completed=None, pattern=None, limit=50, offset=0))
+            rows = await connection.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(user_id=user_id, limit=50, offset=0))
             return 200, [floor_task(row) for row in rows]
         if task_id is None:
             fields = json.loads(body)
             async with connection.transaction():
-                await connection.execute(FLOOR_INSERT_USER.sql, *FLOOR_INSERT_USER.args(user_id=user_id, email=None, now=now))
+                await connection.execute(FLOOR_COUNT_NEW.sql, *FLOOR_COUNT_NEW.args(user_id=user_id, email=None, now=now))
                 row = await connection.fetchrow(FLOOR_INSERT.sql, *FLOOR_INSERT.args(
                     id=str(uuid.uuid4()), user_id=user_id, title=fields["title"].strip(), description=None,
                     completed=False, now=now))
@@ -140,7 +140,10 @@ async def floor_handle(scope, body: bytes):
                 id=task_id, user_id=user_id, now=now, set_title=True, title=title, set_description=False,
                 description=None, set_completed=False, completed=None))
         else:
-            row = await connection.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
+            async with connection.transaction():
+                row = await connection.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
+                if row is not None:
+                    await connection.execute(FLOOR_UNCOUNT.sql, *FLOOR_UNCOUNT.args(user_id=user_id))
             return (404, {"detail": "Task not found"}) if row is None else (204, None)
     return (404, {"detail": "Task not found"}) if row is None else (200, floor_task(row))
 
@@ -165,8 +168,8 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
         await connection.execute("TRUNCATE users, tasks")
         now = service.utc_now()
         owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
-        await connection.copy_records_to_table("users", records=[(u, None, now) for u in owned],
-                                               columns=["id", "email", "created_at"])
+        await connection.copy_records_to_table("users", records=[(u, None, now, tasks_per_user) for u in owned],
+                                               columns=["id", "email", "created_at", "task_count"])
         rows = ((task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now)
                 for user, ids in owned.items() for i, task_id in enumerate(ids))
         await connection.copy_records_to_table(
@@ -356,7 +359,7 @@ async def explain(url: str, user: str, task_id: str) -> dict:
     try:
         plans = {}
         for name, statement, values in (
-            ("list", FLOOR_LIST, {"user_id": user, "completed": None, "pattern": None, "limit": 50, "offset": 0}),
+            ("list", FLOOR_LIST, {"user_id": user, "limit": 50, "offset": 0}),
             ("get", FLOOR_SELECT, {"id": task_id, "user_id": user}),
         ):
             rows = await connection.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}",

@@ -10,7 +10,9 @@
 CREATE TABLE IF NOT EXISTS users (
     id          TEXT PRIMARY KEY CHECK (length(id) > 0),
     email       TEXT,
-    created_at  TEXT NOT NULL CHECK (length(created_at) = 27)
+    created_at  TEXT NOT NULL CHECK (length(created_at) = 27),
+    -- How many tasks the user has: kept by the service with every insert and delete of a task.
+    task_count  INTEGER NOT NULL DEFAULT 0 CHECK (task_count >= 0)
 );
 
 CREATE TABLE IF NOT EXISTS tasks (

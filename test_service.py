@@ -1142,13 +1142,12 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
             if isinstance(text, str) and re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", text):
                 statements.append(" ".join(text.split()))
     on_tasks = [s for s in statements if re.search(r"\b(FROM|INTO|UPDATE) tasks\b", s)]
-    assert len(on_tasks) >= 12  # list (6 sort orders), count, insert, select, update, toggle, set, delete
+    assert len(on_tasks) >= 18  # lists (2 x 6 sort orders), count, insert, select, update, toggle, set, delete
     for statement in on_tasks:
         if statement.startswith("INSERT"):
             assert ":user_id" in statement, statement
-        else:
-            where = statement.split(" WHERE ", 1)
-            assert len(where) == 2 and re.match(r"(id = :id AND )?user_id = :user_id\b", where[1]), statement
+        else:  # the WHERE that follows the tasks table
+            assert re.search(r"\b(FROM|UPDATE) tasks( SET .*?)? WHERE (id = :id AND )?user_id = :user_id\b", statement), statement
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1262,14 +1261,7 @@ async def test_list_of_a_user_with_no_tasks_is_empty(client, family):
 
 
 async def test_list_default_limit_is_100(client):
-    now = service.utc_now()
-    await client.database.execute(service.INSERT_USER, {"user_id": "alice", "email": None, "now": now})
-    for i in range(101):
-        await client.database.execute(
-            "INSERT INTO tasks (id, user_id, title, completed, created_at, updated_at) "
-            "VALUES (:id, 'alice', :title, FALSE, :now, :now)",
-            {"id": str(uuid.uuid4()), "title": f"t{i}", "now": now},
-        )
+    await concurrently(*[lambda i=i: create(client, title=f"t{i}") for i in range(101)])
     tasks, total = await listing(client)
     assert len(tasks) == 100 and total == 101
     tasks, _ = await listing(client, limit=1000)
@@ -1653,6 +1645,13 @@ async def concurrently(*calls):
     return results
 
 
+async def task_counts(client) -> dict:
+    """Each user's kept task_count beside the real number of their tasks."""
+    rows = await client.database.fetch_all(
+        "SELECT id, task_count, (SELECT COUNT(*) FROM tasks WHERE user_id = users.id) AS real FROM users")
+    return {row["id"]: (row["task_count"], row["real"]) for row in rows}
+
+
 async def test_100_concurrent_toggles_are_each_applied_once(client):
     task = await create(client)
     url = f"/api/tasks/{task['id']}/toggle"
@@ -1675,6 +1674,7 @@ async def test_200_concurrent_creates_by_two_users_keep_every_row_and_owner(clie
         assert sorted(row["title"] for row in rows) == sorted(f"{user} {i}" for i in range(100))
     assert await client.database.fetch_val("SELECT COUNT(*) FROM tasks") == 200
     assert await client.database.fetch_val("SELECT COUNT(*) FROM users") == 2
+    assert await task_counts(client) == {"alice": (100, 100), "bob": (100, 100)}
 
 
 async def test_concurrent_update_toggle_and_delete_of_one_task_never_fail(client):
@@ -1689,6 +1689,7 @@ async def test_concurrent_update_toggle_and_delete_of_one_task_never_fail(client
     assert {r.status_code for r in responses} <= {200, 204, 404}
     assert [r.status_code for r in responses[2::3]] == [204] * 20  # every delete found its task
     assert await task_rows(client, "alice") == []
+    assert await task_counts(client) == {"alice": (0, 0)}
 
 
 # ---------------------------------------------------------------------------------------------------
