@@ -618,6 +618,13 @@ def task_json(row) -> dict:
     }
 
 
+def task_or_404(rows: list) -> dict:
+    """The one task an UPDATE ... RETURNING or SELECT found; none found is the contract's 404."""
+    if not rows:
+        raise task_not_found()
+    return task_json(rows[0])
+
+
 def reply(request: Request, body, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
     if "user_id" not in request.path_params:
         body = {"data": body}
@@ -642,9 +649,7 @@ async def list_tasks(request: Request) -> Response:
         description: the page of tasks
         headers: {X-Total-Count: {schema: {type: integer, minimum: 0}, description: matches over all pages}}
         content: {application/json: {schema: {type: array, items: {$ref: "#/components/schemas/Task"}}}}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "422": {$ref: "#/components/responses/Invalid"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     query = parse_list_query(request.query_params)
@@ -674,10 +679,8 @@ async def create_task(request: Request) -> Response:
         headers: {Location: {schema: {type: string}, description: the new task's URL}}
         content: {application/json: {schema: {$ref: "#/components/schemas/Task"}}}
       "400": {$ref: "#/components/responses/NotJSON"}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "413": {$ref: "#/components/responses/TooLarge"}
       "422": {$ref: "#/components/responses/Invalid"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     fields = parse_task_fields(await read_json_body(request), partial=False)
@@ -707,16 +710,12 @@ async def get_task(request: Request) -> Response:
     parameters: [{$ref: "#/components/parameters/task_id"}]
     responses:
       "200": {$ref: "#/components/responses/Task"}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "404": {$ref: "#/components/responses/NotFound"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     values = {"id": task_id_or_404(request), "user_id": user_id}
     rows = await run(request.app.state.database, SELECT_TASK, values)
-    if not rows:
-        raise task_not_found()
-    return reply(request, task_json(rows[0]))
+    return reply(request, task_or_404(rows))
 
 
 async def update_task(request: Request) -> Response:
@@ -728,11 +727,9 @@ async def update_task(request: Request) -> Response:
     responses:
       "200": {$ref: "#/components/responses/Task"}
       "400": {$ref: "#/components/responses/NotJSON"}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "404": {$ref: "#/components/responses/NotFound"}
       "413": {$ref: "#/components/responses/TooLarge"}
       "422": {$ref: "#/components/responses/Invalid"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
@@ -742,9 +739,7 @@ async def update_task(request: Request) -> Response:
         values[f"set_{name}"] = name in fields
         values[name] = fields.get(name)
     rows = await run(request.app.state.database, UPDATE_TASK, values)
-    if not rows:
-        raise task_not_found()
-    return reply(request, task_json(rows[0]))
+    return reply(request, task_or_404(rows))
 
 
 async def complete_task(request: Request) -> Response:
@@ -756,11 +751,9 @@ async def complete_task(request: Request) -> Response:
     responses:
       "200": {$ref: "#/components/responses/Task"}
       "400": {$ref: "#/components/responses/NotJSON"}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "404": {$ref: "#/components/responses/NotFound"}
       "413": {$ref: "#/components/responses/TooLarge"}
       "422": {$ref: "#/components/responses/Invalid"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     task_id = task_id_or_404(request)
@@ -770,9 +763,7 @@ async def complete_task(request: Request) -> Response:
         rows = await run(request.app.state.database, TOGGLE_TASK, values)
     else:
         rows = await run(request.app.state.database, SET_TASK_COMPLETED, {**values, "completed": completed})
-    if not rows:
-        raise task_not_found()
-    return reply(request, task_json(rows[0]))
+    return reply(request, task_or_404(rows))
 
 
 async def delete_task(request: Request) -> Response:
@@ -782,9 +773,7 @@ async def delete_task(request: Request) -> Response:
     parameters: [{$ref: "#/components/parameters/task_id"}]
     responses:
       "204": {description: deleted}
-      "401": {$ref: "#/components/responses/Unauthorized"}
       "404": {$ref: "#/components/responses/NotFound"}
-      "503": {$ref: "#/components/responses/Unavailable"}
     """
     user_id = await current_user_id(request)
     values, database = {"id": task_id_or_404(request), "user_id": user_id}, request.app.state.database
@@ -991,14 +980,18 @@ components:
 
 
 class TaskSchemaGenerator(SchemaGenerator):
-    """Starlette's generator, plus the two route families' differences: the path-scoped family's
-    {user_id} parameter and 403, and the token-scoped family's {"data": ...} envelope."""
+    """Starlette's generator, plus what every /api operation shares (401 and 503) and the two route
+    families' differences: the path-scoped family's {user_id} parameter and 403, and the
+    token-scoped family's {"data": ...} envelope."""
 
     def get_schema(self, routes: list) -> dict:
         schema = super().get_schema(routes)
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 responses = operation["responses"]
+                if path.startswith("/api/"):
+                    responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
+                    responses["503"] = {"$ref": "#/components/responses/Unavailable"}
                 if path.startswith("/api/{user_id}/"):
                     operation["parameters"] = [{"$ref": "#/components/parameters/user_id"}, *operation.get("parameters", [])]
                     responses["403"] = {"$ref": "#/components/responses/Forbidden"}
