@@ -1416,6 +1416,35 @@ def test_auth_settings_derive_from_better_auth_url(tmp_path, settings, expected)
     assert result.stdout.rstrip("\n") == expected
 
 
+@pytest.mark.parametrize(
+    "settings, pooled",
+    [
+        ({"DATABASE_URL": "postgresql://u:p@ep-cool-name-123456-pooler.eu-central-1.aws.neon.tech/db"}, "True"),
+        ({"DATABASE_URL": "postgresql://u:p@ep-cool-name-123456.eu-central-1.aws.neon.tech/db"}, "False"),
+        ({"DATABASE_URL": "postgresql://u:p@127.0.0.1:6432/db", "DATABASE_POOLED": "true"}, "True"),
+        ({"DATABASE_URL": "postgresql://u:p@x-pooler.example/db", "DATABASE_POOLED": "false"}, "False"),
+    ],
+    ids=["neon-pooled", "neon-direct", "set-on", "set-off"],
+)
+def test_pgbouncer_mode_follows_neons_pooled_host_names_unless_set(tmp_path, settings, pooled):
+    script = "import service; print(service.DATABASE_POOLED)"
+    result = run_python(["-c", script], {"PYTHONPATH": str(HERE), "BETTER_AUTH_SECRET": SECRET, **settings}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == pooled
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_sslmode_in_the_url_reaches_the_driver(database):
+    # The test server has no TLS: sslmode=require must refuse it, not quietly connect in the clear.
+    separator = "&" if "?" in database.url else "?"
+    required = service.open_database(database.url + separator + "sslmode=require")
+    with pytest.raises((ConnectionError, asyncpg.PostgresError, OSError)):
+        await required.connect()
+    disabled = service.open_database(database.url + separator + "sslmode=disable")
+    await disabled.connect()
+    await disabled.disconnect()
+
+
 def test_token_command_prints_a_one_hour_token(tmp_path):
     result = run_python([str(HERE / "service.py"), "token", "alice"], {"BETTER_AUTH_SECRET": SECRET}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
