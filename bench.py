@@ -50,21 +50,11 @@ EXPECTED_STATUS = {"list": 200, "get": 200, "create": 201, "toggle": 200, "updat
 # The floor: the same work as the service's handlers, with nothing between uvicorn and asyncpg.
 
 
-def positional(sql: str) -> tuple[str, list[str]]:
-    """service.py's SQL with :name parameters, as asyncpg's $1, $2 ...; and the names in order."""
-    names: list[str] = []
-
-    def number(match):
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    return re.sub(r"(?<!:):([a-z_]+)", number, sql), names
-
-
 class FloorStatement:
+    """A statement of service.py's, as asyncpg takes it ($1, $2 ...), translated once."""
+
     def __init__(self, sql: str):
-        self.sql, self.names = positional(sql)
+        self.sql, self.names = service.driver_sql(sql, "postgresql")
 
     def args(self, **values):
         return [values[name] for name in self.names]
