@@ -16,15 +16,15 @@ import asyncio
 import json
 import logging
 import multiprocessing
-import socket
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 SECRET = "bench-secret-" + "0123456789abcdef" * 3
@@ -72,8 +72,15 @@ FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
 
 
 def floor_task(row) -> dict:
-    return {"id": row["id"], "user_id": row["user_id"], "title": row["title"], "description": row["description"],
-            "completed": row["completed"], "created_at": row["created_at"], "updated_at": row["updated_at"]}
+    return {
+        "id": row["id"],
+        "user_id": row["user_id"],
+        "title": row["title"],
+        "description": row["description"],
+        "completed": row["completed"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
 
 
 async def floor(scope, receive, send):
@@ -91,8 +98,13 @@ async def floor(scope, receive, send):
     body += message.get("body", b"")
     status, payload = await floor_handle(scope, body)
     content = b"" if payload is None else json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": content})
 
 
@@ -115,10 +127,20 @@ async def floor_handle(scope, body: bytes):
         if task_id is None:
             fields = json.loads(body)
             async with connection.transaction():
-                await connection.execute(FLOOR_COUNT_NEW.sql, *FLOOR_COUNT_NEW.args(user_id=user_id, email=None, now=now))
-                row = await connection.fetchrow(FLOOR_INSERT.sql, *FLOOR_INSERT.args(
-                    id=str(uuid.uuid4()), user_id=user_id, title=fields["title"].strip(), description=None,
-                    completed=False, now=now))
+                await connection.execute(
+                    FLOOR_COUNT_NEW.sql, *FLOOR_COUNT_NEW.args(user_id=user_id, email=None, now=now)
+                )
+                row = await connection.fetchrow(
+                    FLOOR_INSERT.sql,
+                    *FLOOR_INSERT.args(
+                        id=str(uuid.uuid4()),
+                        user_id=user_id,
+                        title=fields["title"].strip(),
+                        description=None,
+                        completed=False,
+                        now=now,
+                    ),
+                )
             return 201, floor_task(row)
         if method == "GET":
             row = await connection.fetchrow(FLOOR_SELECT.sql, *FLOOR_SELECT.args(id=task_id, user_id=user_id))
@@ -126,9 +148,20 @@ async def floor_handle(scope, body: bytes):
             row = await connection.fetchrow(FLOOR_TOGGLE.sql, *FLOOR_TOGGLE.args(id=task_id, user_id=user_id, now=now))
         elif method == "PUT":
             title = json.loads(body)["title"].strip()
-            row = await connection.fetchrow(FLOOR_UPDATE.sql, *FLOOR_UPDATE.args(
-                id=task_id, user_id=user_id, now=now, set_title=True, title=title, set_description=False,
-                description=None, set_completed=False, completed=None))
+            row = await connection.fetchrow(
+                FLOOR_UPDATE.sql,
+                *FLOOR_UPDATE.args(
+                    id=task_id,
+                    user_id=user_id,
+                    now=now,
+                    set_title=True,
+                    title=title,
+                    set_description=False,
+                    description=None,
+                    set_completed=False,
+                    completed=None,
+                ),
+            )
         else:
             async with connection.transaction():
                 row = await connection.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
@@ -143,7 +176,7 @@ async def floor_handle(scope, body: bytes):
 
 
 def token(user_id: str) -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return jwt.encode({"sub": user_id, "iat": now, "exp": now + timedelta(hours=2)}, SECRET, algorithm="HS256")
 
 
@@ -158,13 +191,21 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
         await connection.execute("TRUNCATE users, tasks")
         now = service.utc_now()
         owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
-        await connection.copy_records_to_table("users", records=[(u, None, now, tasks_per_user) for u in owned],
-                                               columns=["id", "email", "created_at", "task_count"])
-        rows = ((task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now)
-                for user, ids in owned.items() for i, task_id in enumerate(ids))
         await connection.copy_records_to_table(
-            "tasks", records=rows,
-            columns=["id", "user_id", "title", "description", "completed", "created_at", "updated_at"])
+            "users",
+            records=[(u, None, now, tasks_per_user) for u in owned],
+            columns=["id", "email", "created_at", "task_count"],
+        )
+        rows = (
+            (task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now)
+            for user, ids in owned.items()
+            for i, task_id in enumerate(ids)
+        )
+        await connection.copy_records_to_table(
+            "tasks",
+            records=rows,
+            columns=["id", "user_id", "title", "description", "completed", "created_at", "updated_at"],
+        )
         await connection.execute("ANALYZE users; ANALYZE tasks")
     finally:
         await connection.close()
@@ -264,8 +305,23 @@ def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
     for name in ("BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE"):
         env.pop(name, None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--workers", "1", "--no-access-log",
-         "--log-level", "warning"], cwd=HERE, env=env, stdout=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -287,7 +343,8 @@ def measure(app: str, database_url: str, args) -> dict:
     try:
         results = multiprocessing.Queue()
         generator = multiprocessing.Process(
-            target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results))
+            target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results)
+        )
         generator.start()
         measured = results.get(timeout=args.warmup + args.duration + 120)
         generator.join()
@@ -310,21 +367,32 @@ def summary(latencies: list[float], errors: int, duration: float) -> dict:
     def percentile(p):
         return round(ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))], 2)
 
-    return {"requests": len(latencies), "rps": round(len(latencies) / duration, 1),
-            "mean_ms": round(statistics.fmean(ordered), 3),
-            "p50_ms": percentile(50), "p95_ms": percentile(95), "p99_ms": percentile(99), "errors": errors}
+    return {
+        "requests": len(latencies),
+        "rps": round(len(latencies) / duration, 1),
+        "mean_ms": round(statistics.fmean(ordered), 3),
+        "p50_ms": percentile(50),
+        "p95_ms": percentile(95),
+        "p99_ms": percentile(99),
+        "errors": errors,
+    }
 
 
 def table(results: dict) -> str:
-    lines = ["| endpoint | service rps | p50 ms | p95 ms | p99 ms | errors | floor rps | floor p99 ms | service/floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| endpoint | service rps | p50 ms | p95 ms | p99 ms | errors | floor rps | floor p99 ms | service/floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in (*ENDPOINTS, "overall"):
         s = results["service"]["endpoints"].get(name) or results["service"]["overall"]
         f = results["floor"]["endpoints"].get(name) or results["floor"]["overall"]
-        lines.append(f"| {name} | {s['rps']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} "
-                     f"| {f['rps']} | {f['p99_ms']} | {results['ratio'][name]} |")
-    lines.append(f"\npeak RSS: service {results['service']['peak_rss_mib']} MiB, "
-                 f"floor {results['floor']['peak_rss_mib']} MiB")
+        lines.append(
+            f"| {name} | {s['rps']} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | {s['errors']} "
+            f"| {f['rps']} | {f['p99_ms']} | {results['ratio'][name]} |"
+        )
+    lines.append(
+        f"\npeak RSS: service {results['service']['peak_rss_mib']} MiB, floor {results['floor']['peak_rss_mib']} MiB"
+    )
     return "\n".join(lines)
 
 
@@ -352,8 +420,9 @@ async def explain(url: str, user: str, task_id: str) -> dict:
             ("list", FLOOR_LIST, {"user_id": user, "limit": 50, "offset": 0}),
             ("get", FLOOR_SELECT, {"id": task_id, "user_id": user}),
         ):
-            rows = await connection.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}",
-                                          *statement.args(**values))
+            rows = await connection.fetch(
+                f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}", *statement.args(**values)
+            )
             plans[name] = "\n".join(row[0] for row in rows)
         return plans
     finally:
@@ -413,15 +482,20 @@ def main():
                     print(f"  EXPLAIN {name}:\n    " + plan.replace("\n", "\n    "))
             print(f"large/small: {results['ratio']}")
             return
-        results = {"service": measure("service:app", database_url, args),
-                   "floor": measure("bench:floor", database_url, args)}
+        results = {
+            "service": measure("service:app", database_url, args),
+            "floor": measure("bench:floor", database_url, args),
+        }
         # In a fixed mix every endpoint's rate is the same share of the total, so per endpoint the
         # ratio compares time per request (floor mean / service mean): the rate each would reach
         # alone at the same concurrency. Overall it is the throughput ratio itself.
         service_run, floor_run = results["service"], results["floor"]
-        results["ratio"] = {name: round(floor_run["endpoints"][name]["mean_ms"]
-                                        / max(service_run["endpoints"][name]["mean_ms"], 1e-9), 2)
-                            for name in ENDPOINTS}
+        results["ratio"] = {
+            name: round(
+                floor_run["endpoints"][name]["mean_ms"] / max(service_run["endpoints"][name]["mean_ms"], 1e-9), 2
+            )
+            for name in ENDPOINTS
+        }
         results["ratio"]["overall"] = round(service_run["overall"]["rps"] / max(floor_run["overall"]["rps"], 1e-9), 2)
         results["settings"] = vars(args)
         print(json.dumps(results, indent=2) if args.json else table(results))

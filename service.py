@@ -1,16 +1,17 @@
 """Task service: the REST API behind a multi-user todo app.
 
-Reads top to bottom: configuration, database, authentication, SQL, handlers, routes, app.
-Every request carries a JWT; its `sub` claim is the user, and every SQL statement that reads or
-changes a task has `user_id = :user_id` in its WHERE clause, so isolation between users is enforced
-by the database query itself.
+Reads top to bottom: configuration, database, authentication, SQL, handlers, errors, routes, app.
+Every /api route sits behind the BearerAuth middleware (see task_routes), which turns the request's
+JWT into the caller or a 401/403 before any handler runs; handlers never authenticate. Every SQL
+statement that reads or changes a task has `user_id = :user_id` in its WHERE clause, so isolation
+between users is enforced by the query itself.
 
 Run it:      python service.py              (serves on 127.0.0.1:$PORT)
 Try it:      python service.py token alice  (prints a one-hour token for user "alice")
 """
 
+import argparse
 import asyncio
-import copy
 import functools
 import hashlib
 import json
@@ -22,13 +23,13 @@ import time
 import urllib.request
 import uuid
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 import asyncpg
 import jwt
-import yaml
 from databases import Database, DatabaseURL
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -40,7 +41,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.schemas import SchemaGenerator
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration, read once from the environment or a .env file.
@@ -51,7 +52,7 @@ DATABASE_URL = config("DATABASE_URL", default="sqlite:///./tasks.db")
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
 BETTER_AUTH_URL = config("BETTER_AUTH_URL", default="").rstrip("/")
 JWKS_URL = config("JWKS_URL", default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else "")
-# Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off, deliberately.
+# Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off (see TokenPolicy).
 JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 # PgBouncer in transaction mode (Neon's pooled endpoints, whose host names end in "-pooler").
@@ -60,11 +61,13 @@ CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http:
 PORT = config("PORT", cast=int, default=8000)
 
 
-def auth_config_problem() -> str | None:
+def settings_problem() -> str | None:
     """Why the authentication settings cannot work, in one line, or None."""
     if not BETTER_AUTH_SECRET and not JWKS_URL:
-        return ("set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL "
-                "(Better Auth's base URL, for its JWKS) in the environment or in .env")
+        return (
+            "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL "
+            "(Better Auth's base URL, for its JWKS) in the environment or in .env"
+        )
     # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
     if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:
         return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
@@ -74,9 +77,6 @@ def auth_config_problem() -> str | None:
         return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
     return None
 
-
-if problem := auth_config_problem():
-    sys.exit(f"service: {problem}")
 
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503 within these bounds
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
@@ -88,16 +88,24 @@ CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
 MAX_TOKEN_BYTES = 8 * 1024
 VERIFIED_TOKENS_KEPT = 4096  # at about 200 bytes each
 VERIFIED_TOKEN_SECONDS = 60
-JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
 JWKS_REFETCH_SECONDS = 30  # the least time between two fetches of the key set
 JWKS_TIMEOUT_SECONDS = 3
 JWKS_MAX_BYTES = 1024 * 1024
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
-# Logs go to stdout, where Render and Fly collect them. The request log is ours (RequestLog below);
-# uvicorn's access log is turned off, since it would log raw paths and query strings too.
-logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+# Logs go to stdout, where Render and Fly collect them; configure_logging() sets that up at start.
+# The request log is ours (RequestLog below): uvicorn's access log would log raw paths and queries.
 log = logging.getLogger("service")
 request_log = logging.getLogger("service.requests")
+
+
+def configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Database
@@ -146,20 +154,27 @@ async def apply_schema(database: Database) -> None:
                 await run(database, statement)
 
 
+SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
+
+
 @functools.cache
 def driver_sql(sql: str, dialect: str) -> tuple[str, tuple[str, ...]]:
     """A statement with :name parameters as the driver takes it, and the parameter order.
-    sqlite3 binds :name itself; asyncpg wants $1, $2, ... ."""
+    sqlite3 binds :name itself; asyncpg wants $1, $2, ..., one number per name however often it
+    is used. Quoted literals and :: casts are left as they are."""
     if dialect == "sqlite":
         return sql, ()
     names: list[str] = []
 
     def numbered(match: re.Match) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
+        name = match.group(1)
+        if name is None:  # a literal or a cast
+            return match.group(0)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
 
-    return re.sub(r"(?<![:\w]):(\w+)", numbered, sql), tuple(names)
+    return SQL_LITERAL_OR_PARAMETER.sub(numbered, sql), tuple(names)
 
 
 async def run(database: Database, sql: str, values: dict | None = None) -> list:
@@ -172,17 +187,41 @@ async def run(database: Database, sql: str, values: dict | None = None) -> list:
         if database.url.dialect == "sqlite":
             async with driver.execute(text, values or {}) as cursor:
                 columns = [column[0] for column in cursor.description or ()]
-                return [dict(zip(columns, row)) for row in await cursor.fetchall()]
+                return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
         return await driver.fetch(text, *[values[name] for name in names])
 
 
 def utc_now() -> str:
     """The one timestamp format stored and served (see schema.sql)."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Authentication: a request becomes a user id, or a 401.
+# Authentication: the BearerAuth middleware turns a request into its caller, or a 401 / 403.
+#
+# Token policy, all of it (a reviewer should agree with each line):
+# - HS256 tokens, signed with BETTER_AUTH_SECRET: HS256 only. `iss` and `aud` are not checked, because
+#   whoever holds the secret can write any claims: the secret is the whole trust.
+# - Better Auth's JWKS tokens: the algorithm is the one the key's type allows (EdDSA, ES256, RS256),
+#   never the token's `alg` alone, so an HS256 token "signed" with a public key is refused.
+#   `iss` and `aud` must be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's
+#   tokens from the same Better Auth are not ours. "*" turns a check off, for operators who share
+#   tokens deliberately.
+# - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY; `sub` is a
+#   non-blank string; tokens over MAX_TOKEN_BYTES are not read.
+
+HS256_ALGORITHMS = ["HS256"]
+JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
+REQUIRED_CLAIMS = ["exp", "sub"]
+ANY = "*"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the token's subject, and its email claim if it had one."""
+
+    id: str
+    email: str | None
 
 
 def unauthorized(detail: str) -> HTTPException:
@@ -194,11 +233,28 @@ def invalid_token() -> HTTPException:
     return unauthorized("Invalid or expired token")
 
 
-def bearer_token(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def bearer_token(headers: Headers) -> str:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized("Missing authentication credentials")
     return token.strip()
+
+
+def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: str = ANY) -> dict:
+    """The token's claims if the signature, the required claims, exp, nbf and (unless ANY) iss and
+    aud all hold; otherwise the one 401."""
+    try:
+        return jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            issuer=None if issuer == ANY else issuer,
+            audience=None if audience == ANY else audience,
+            leeway=CLOCK_SKEW_LEEWAY,
+            options={"require": REQUIRED_CLAIMS, "verify_aud": audience != ANY},
+        )
+    except jwt.InvalidTokenError:
+        raise invalid_token() from None
 
 
 def fetch_json(url: str):
@@ -208,7 +264,7 @@ def fetch_json(url: str):
         return json.loads(response.read(JWKS_MAX_BYTES))
 
 
-def usable_keys(jwks) -> dict:
+def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
     """The JWKS's signing keys by kid, each bound to the one algorithm its type allows."""
     keys = {}
     for data in jwks.get("keys", []) if isinstance(jwks, dict) else []:
@@ -226,14 +282,14 @@ class KeySet:
     """Better Auth's public keys: fetched once, then again only for an unknown kid (key rotation),
     at most once per JWKS_REFETCH_SECONDS however many such tokens arrive."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.keys: dict = {}
+        self.keys: dict[str, jwt.PyJWK] = {}
         self.fetched_at = float("-inf")
         self.fetches = 0
         self.lock = asyncio.Lock()
 
-    async def key(self, kid: str):
+    async def key(self, kid: str) -> jwt.PyJWK | None:
         if kid not in self.keys:
             async with self.lock:  # concurrent unknown kids wait for one fetch, not one each
                 if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_REFETCH_SECONDS:
@@ -250,36 +306,36 @@ class KeySet:
 
 
 class TokenVerifier:
-    """A bearer token becomes its verified claims: HS256 with the shared secret, or EdDSA, ES256 or
-    RS256 with a key from the JWKS. The algorithm is the key's, never the token's alone."""
+    """A bearer token becomes its caller, under the token policy above."""
 
-    def __init__(self, secret: str = "", jwks_url: str = "", issuer: str = "", audience: str = ""):
+    def __init__(self, secret: str = "", jwks_url: str = "", issuer: str = "", audience: str = "") -> None:
         self.secret = secret
         self.key_set = KeySet(jwks_url) if jwks_url else None
         self.issuer, self.audience = issuer, audience
-        self.verified: dict[bytes, tuple[float, float, dict]] = {}  # see claims()
+        self.verified: dict[bytes, tuple[float, float, Caller]] = {}  # see caller()
         self.clock = time.time
 
-    async def claims(self, token: str) -> dict:
-        """The caller's `sub` and `email`. A client sends the same token with every request, so a
-        verified token is remembered (by its SHA-256) until it expires, and checked in full again
-        after VERIFIED_TOKEN_SECONDS, so a key taken out of the JWKS stops working within that time."""
+    async def caller(self, token: str) -> Caller:
+        """A client sends the same token with every request, so a verified token is remembered (by
+        its SHA-256) until it expires, and checked in full again after VERIFIED_TOKEN_SECONDS, so a
+        key taken out of the JWKS stops working within that time."""
         if len(token) > MAX_TOKEN_BYTES:
             raise invalid_token()
         key, now = hashlib.sha256(token.encode()).digest(), self.clock()
         if key in self.verified:
-            expires_at, recheck_at, claims = self.verified[key]
+            expires_at, recheck_at, caller = self.verified[key]
             if now > expires_at:
                 raise invalid_token()
             if now < recheck_at:
-                return claims
-        verified = await self.verify(token)
-        claims = {"sub": verified["sub"], "email": verified.get("email")}
+                return caller
+        claims = await self.verify(token)
+        email = claims.get("email")
+        caller = Caller(claims["sub"], email if isinstance(email, str) else None)
         if len(self.verified) >= VERIFIED_TOKENS_KEPT:
             del self.verified[next(iter(self.verified))]  # the oldest
-        expires_at = verified["exp"] + CLOCK_SKEW_LEEWAY.total_seconds()
-        self.verified[key] = (expires_at, min(expires_at, now + VERIFIED_TOKEN_SECONDS), claims)
-        return claims
+        expires_at = claims["exp"] + CLOCK_SKEW_LEEWAY.total_seconds()
+        self.verified[key] = (expires_at, min(expires_at, now + VERIFIED_TOKEN_SECONDS), caller)
+        return caller
 
     async def verify(self, token: str) -> dict:
         try:
@@ -287,12 +343,12 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise invalid_token() from None
         if header.get("alg") == "HS256" and self.secret:
-            claims = decode(token, self.secret, "HS256")
+            claims = decode(token, self.secret, HS256_ALGORITHMS)
         elif self.key_set and isinstance(header.get("kid"), str):
             key = await self.key_set.key(header["kid"])
             if key is None:
                 raise invalid_token()
-            claims = decode(token, key.key, key.algorithm_name, self.issuer, self.audience)
+            claims = decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
         else:
             raise invalid_token()
         subject = claims.get("sub")
@@ -302,35 +358,27 @@ class TokenVerifier:
         return claims
 
 
-def decode(token: str, key, algorithm: str, issuer: str = "*", audience: str = "*") -> dict:
-    """Verify signature, exp (required), nbf, and iss/aud unless they are "*" (not checked)."""
-    try:
-        return jwt.decode(
-            token,
-            key,
-            algorithms=[algorithm],
-            issuer=None if issuer == "*" else issuer,
-            audience=None if audience == "*" else audience,
-            leeway=CLOCK_SKEW_LEEWAY,
-            options={"require": ["exp", "sub"], "verify_aud": audience != "*"},
-        )
-    except jwt.InvalidTokenError:
-        raise invalid_token() from None
+class BearerAuth:
+    """Route middleware on every task route (see task_routes): the request's token becomes
+    scope["user"], a Caller, or the request ends here with a 401. On path-scoped routes the path's
+    {user_id} must be the caller, else 403, before any database work."""
 
+    def __init__(self, app: ASGIApp, path_scoped: bool) -> None:
+        self.app = app
+        self.path_scoped = path_scoped
 
-async def current_user_id(request: Request) -> str:
-    """The caller's id; on path-scoped routes it must also be the {user_id} in the path."""
-    claims = await request.app.state.verifier.claims(bearer_token(request))
-    request.state.email = claims.get("email") if isinstance(claims.get("email"), str) else None
-    path_user_id = request.path_params.get("user_id")
-    if path_user_id is not None and path_user_id != claims["sub"]:
-        raise HTTPException(403, "Forbidden")
-    return claims["sub"]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        verifier: TokenVerifier = scope["app"].state.verifier
+        caller = await verifier.caller(bearer_token(Headers(scope=scope)))
+        if self.path_scoped and scope["path_params"]["user_id"] != caller.id:
+            raise HTTPException(403, "Forbidden")
+        scope["user"] = caller
+        await self.app(scope, receive, send)
 
 
 def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=1)) -> str:
     """An HS256 token as the frontend would send it: for trying the API with curl."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return jwt.encode({"sub": user_id, "iat": now, "exp": now + lifetime}, secret, algorithm="HS256")
 
 
@@ -438,9 +486,7 @@ COUNT_MATCHING_TASKS = f"SELECT COUNT(*) AS total FROM tasks {LIST_FILTER}"
 
 def invalid(*errors: tuple) -> HTTPException:
     """A 422 in FastAPI's shape; each error is (loc, msg, type)."""
-    return HTTPException(
-        422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors]
-    )
+    return HTTPException(422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors])
 
 
 def reject_json_constant(name: str):
@@ -508,9 +554,7 @@ def parse_task_fields(body, partial: bool) -> dict:
         errors += completed_errors(body["completed"])
         fields["completed"] = body["completed"]
     if partial and not fields and not errors:
-        errors.append(
-            (("body",), "At least one of title, description, completed is required", "missing")
-        )
+        errors.append((("body",), "At least one of title, description, completed is required", "missing"))
     if errors:
         raise invalid(*errors)
     return fields
@@ -602,8 +646,8 @@ def parse_list_query(params) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Handlers. Path-scoped routes (/api/{user_id}/...) answer with bare bodies; token-scoped routes
-# (/api/...) wrap them as {"data": ...}. Both run these same handlers and the same SQL.
+# Handlers. Each reads its caller from request.user (set by BearerAuth) and is given `envelope`
+# by its route family: token-scoped routes wrap bodies as {"data": ...}, path-scoped ones do not.
 
 
 def task_json(row) -> dict:
@@ -625,38 +669,17 @@ def task_or_404(rows: list) -> dict:
     return task_json(rows[0])
 
 
-def reply(request: Request, body, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
-    if "user_id" not in request.path_params:
-        body = {"data": body}
-    return JSONResponse(body, status_code, headers=headers)
+def reply(body, envelope: bool, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"data": body} if envelope else body, status_code, headers=headers)
 
 
-async def list_tasks(request: Request) -> Response:
-    """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match.
-    ---
-    summary: List tasks
-    parameters:
-      - {name: completed, in: query, schema: {type: string, enum: ["true", "false"]}}
-      - {name: status, in: query, schema: {type: string, enum: [all, pending, completed], default: all}}
-      - {name: q, in: query, description: "case-insensitive text in title or description; % and _ are literal",
-         schema: {type: string, maxLength: 1200}}
-      - {name: sort, in: query, schema: {type: string, enum: [created_at, updated_at, title], default: created_at}}
-      - {name: order, in: query, schema: {type: string, enum: [asc, desc], default: desc}}
-      - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 1000, default: 100}}
-      - {name: offset, in: query, schema: {type: integer, format: int64, minimum: 0, default: 0}}
-    responses:
-      "200":
-        description: the page of tasks
-        headers: {X-Total-Count: {schema: {type: integer, minimum: 0}, description: matches over all pages}}
-        content: {application/json: {schema: {type: array, items: {$ref: "#/components/schemas/Task"}}}}
-      "422": {$ref: "#/components/responses/Invalid"}
-    """
-    user_id = await current_user_id(request)
+async def list_tasks(request: Request, envelope: bool) -> Response:
+    """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match."""
     query = parse_list_query(request.query_params)
     database = request.app.state.database
     if query["completed"] == "conflict":
-        return reply(request, [], headers={"X-Total-Count": "0"})
-    values = {"user_id": user_id, **{key: query[key] for key in ("completed", "pattern", "limit", "offset")}}
+        return reply([], envelope, headers={"X-Total-Count": "0"})
+    values = {"user_id": request.user.id, **{key: query[key] for key in ("completed", "pattern", "limit", "offset")}}
     rows = await run(database, query["statement"], values)
     if rows:
         total = rows[0]["total_count"]
@@ -665,31 +688,20 @@ async def list_tasks(request: Request) -> Response:
         total = counted[0]["total"] if counted else 0
     else:
         total = 0
-    return reply(request, [task_json(row) for row in rows], headers={"X-Total-Count": str(total)})
+    return reply([task_json(row) for row in rows], envelope, headers={"X-Total-Count": str(total)})
 
 
-async def create_task(request: Request) -> Response:
-    """
-    ---
-    summary: Create a task
-    requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/NewTask"}}}}
-    responses:
-      "201":
-        description: the task created
-        headers: {Location: {schema: {type: string}, description: the new task's URL}}
-        content: {application/json: {schema: {$ref: "#/components/schemas/Task"}}}
-    """
-    user_id = await current_user_id(request)
+async def create_task(request: Request, envelope: bool) -> Response:
     fields = parse_task_fields(await read_json_body(request), partial=False)
-    database, now = request.app.state.database, utc_now()
+    database, now, caller = request.app.state.database, utc_now(), request.user
     async with database.transaction():
-        await run(database, COUNT_NEW_TASK, {"user_id": user_id, "email": request.state.email, "now": now})
+        await run(database, COUNT_NEW_TASK, {"user_id": caller.id, "email": caller.email, "now": now})
         [row] = await run(
             database,
             INSERT_TASK,
             {
                 "id": str(uuid.uuid4()),
-                "user_id": user_id,
+                "user_id": caller.id,
                 "title": fields["title"],
                 "description": fields.get("description"),
                 "completed": fields.get("completed", False),
@@ -697,77 +709,42 @@ async def create_task(request: Request) -> Response:
             },
         )
     location = f"{quote(request.url.path)}/{row['id']}"
-    return reply(request, task_json(row), 201, headers={"Location": location})
+    return reply(task_json(row), envelope, 201, headers={"Location": location})
 
 
-async def get_task(request: Request) -> Response:
-    """
-    ---
-    summary: Get a task
-    parameters: [{$ref: "#/components/parameters/task_id"}]
-    responses:
-      "200": {$ref: "#/components/responses/Task"}
-      "404": {$ref: "#/components/responses/NotFound"}
-    """
-    user_id = await current_user_id(request)
-    values = {"id": task_id_or_404(request), "user_id": user_id}
+async def get_task(request: Request, envelope: bool) -> Response:
+    values = {"id": task_id_or_404(request), "user_id": request.user.id}
     rows = await run(request.app.state.database, SELECT_TASK, values)
-    return reply(request, task_or_404(rows))
+    return reply(task_or_404(rows), envelope)
 
 
-async def update_task(request: Request) -> Response:
-    """PUT and PATCH alike: change the fields given, at least one.
-    ---
-    summary: Update a task
-    parameters: [{$ref: "#/components/parameters/task_id"}]
-    requestBody: {required: true, content: {application/json: {schema: {$ref: "#/components/schemas/TaskChanges"}}}}
-    responses:
-      "200": {$ref: "#/components/responses/Task"}
-      "404": {$ref: "#/components/responses/NotFound"}
-    """
-    user_id = await current_user_id(request)
+async def update_task(request: Request, envelope: bool) -> Response:
+    """PUT and PATCH alike: change the fields given, at least one."""
     task_id = task_id_or_404(request)
     fields = parse_task_fields(await read_json_body(request), partial=True)
-    values = {"id": task_id, "user_id": user_id, "now": utc_now()}
+    values = {"id": task_id, "user_id": request.user.id, "now": utc_now()}
     for name in ("title", "description", "completed"):
         values[f"set_{name}"] = name in fields
         values[name] = fields.get(name)
     rows = await run(request.app.state.database, UPDATE_TASK, values)
-    return reply(request, task_or_404(rows))
+    return reply(task_or_404(rows), envelope)
 
 
-async def complete_task(request: Request) -> Response:
-    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}.
-    ---
-    summary: Flip or set completed (/complete and /toggle are the same)
-    parameters: [{$ref: "#/components/parameters/task_id"}]
-    requestBody: {required: false, content: {application/json: {schema: {$ref: "#/components/schemas/Completion"}}}}
-    responses:
-      "200": {$ref: "#/components/responses/Task"}
-      "404": {$ref: "#/components/responses/NotFound"}
-    """
-    user_id = await current_user_id(request)
+async def complete_task(request: Request, envelope: bool) -> Response:
+    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}."""
     task_id = task_id_or_404(request)
     completed = parse_completed_body(await read_json_body(request, required=False))
-    values = {"id": task_id, "user_id": user_id, "now": utc_now()}
+    values = {"id": task_id, "user_id": request.user.id, "now": utc_now()}
     if completed is None:
         rows = await run(request.app.state.database, TOGGLE_TASK, values)
     else:
         rows = await run(request.app.state.database, SET_TASK_COMPLETED, {**values, "completed": completed})
-    return reply(request, task_or_404(rows))
+    return reply(task_or_404(rows), envelope)
 
 
-async def delete_task(request: Request) -> Response:
-    """
-    ---
-    summary: Delete a task
-    parameters: [{$ref: "#/components/parameters/task_id"}]
-    responses:
-      "204": {description: deleted}
-      "404": {$ref: "#/components/responses/NotFound"}
-    """
-    user_id = await current_user_id(request)
-    values, database = {"id": task_id_or_404(request), "user_id": user_id}, request.app.state.database
+async def delete_task(request: Request, envelope: bool) -> Response:
+    user_id, database = request.user.id, request.app.state.database
+    values = {"id": task_id_or_404(request), "user_id": user_id}
     async with database.transaction():
         deleted = await run(database, DELETE_TASK, values)
         if deleted:
@@ -778,18 +755,7 @@ async def delete_task(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """
-    ---
-    summary: Is the service up, and does its database answer?
-    security: []
-    responses:
-      "200":
-        description: serving
-        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
-      "503":
-        description: the database does not answer
-        content: {application/json: {schema: {$ref: "#/components/schemas/Health"}}}
-    """
+    """No token needed: the platform's health check calls it."""
     try:
         await run(request.app.state.database, "SELECT 1")
     except Exception:
@@ -806,7 +772,12 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     headers = exc.headers
     if exc.status_code == 405:
         # Starlette's Allow names only the first route on the path; each method here has its own.
-        allowed = {method for route in request.app.routes if route.path_regex.fullmatch(request.url.path) for method in route.methods}
+        allowed = {
+            method
+            for route in request.app.routes
+            if route.path_regex.fullmatch(request.url.path)
+            for method in route.methods
+        }
         headers = {"Allow": ", ".join(sorted(allowed))}
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
@@ -889,149 +860,41 @@ class RequestLog:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The OpenAPI document: Starlette's SchemaGenerator reads each handler's docstring (after ---);
-# what the handlers share is described once here.
-
-OPENAPI_BASE = yaml.safe_load(r"""
-openapi: 3.0.3
-info:
-  title: Task service
-  version: "1.0"
-  description: >
-    Each user's tasks. Path-scoped routes (/api/{user_id}/...) answer with bare bodies and need
-    {user_id} to be the token's subject; token-scoped routes (/api/...) wrap bodies as {"data": ...}.
-security: [{bearer: []}]
-components:
-  securitySchemes:
-    bearer: {type: http, scheme: bearer, bearerFormat: JWT}
-  parameters:
-    task_id: {name: task_id, in: path, required: true, schema: {type: string, format: uuid}}
-    user_id: {name: user_id, in: path, required: true, description: "the token's sub", schema: {type: string}}
-  schemas:
-    Task:
-      type: object
-      additionalProperties: false
-      required: [id, user_id, title, description, completed, created_at, updated_at]
-      properties:
-        id: {type: string, format: uuid}
-        user_id: {type: string}
-        title: {type: string, minLength: 1, maxLength: 200}
-        description: {type: string, maxLength: 1000, nullable: true}
-        completed: {type: boolean}
-        created_at: {type: string, format: date-time}
-        updated_at: {type: string, format: date-time}
-    NewTask:
-      type: object
-      required: [title]
-      properties: &fields
-        title: {type: string, minLength: 1, maxLength: 200, description: "trimmed, then 1 to 200 characters"}
-        description: {type: string, maxLength: 1000, nullable: true}
-        completed: {type: boolean}
-    TaskChanges:
-      type: object
-      description: at least one of the fields
-      anyOf: [{required: [title]}, {required: [description]}, {required: [completed]}]
-      properties: *fields
-    Completion:
-      type: object
-      properties: {completed: {type: boolean, description: "set to this; without it, flip"}}
-    Health:
-      type: object
-      required: [status, database]
-      properties: {status: {type: string, enum: [ok, unavailable]}, database: {type: string, enum: [ok, unavailable]}}
-    Error:
-      type: object
-      required: [detail]
-      properties: {detail: {type: string}}
-    ValidationError:
-      type: object
-      required: [detail]
-      properties:
-        detail:
-          type: array
-          items:
-            type: object
-            required: [loc, msg, type]
-            properties: {loc: {type: array, items: {type: string}}, msg: {type: string}, type: {type: string}}
-  responses:
-    Task: {description: the task, content: {application/json: {schema: {$ref: "#/components/schemas/Task"}}}}
-    NotJSON: &error {description: the body is not JSON, content: {application/json: {schema: {$ref: "#/components/schemas/Error"}}}}
-    Unauthorized:
-      <<: *error
-      description: no, or a bad, bearer token
-      headers: {WWW-Authenticate: {schema: {type: string, enum: [Bearer]}}}
-    Forbidden: {<<: *error, description: "{user_id} is not the token's subject"}
-    NotFound: {<<: *error, description: "no such task for this user (the same for another user's task)"}
-    TooLarge: {<<: *error, description: the body is over 64 KiB}
-    Invalid:
-      description: a field or query parameter is invalid
-      content: {application/json: {schema: {$ref: "#/components/schemas/ValidationError"}}}
-    Unavailable: {<<: *error, description: the database does not answer; try again}
-""")
-
-
-class TaskSchemaGenerator(SchemaGenerator):
-    """Starlette's generator, plus what operations share (401 and 503 on /api; 400, 413 and 422
-    wherever there is a body) and the two route families' differences: the path-scoped family's {user_id} parameter and 403, and the
-    token-scoped family's {"data": ...} envelope."""
-
-    def get_schema(self, routes: list) -> dict:
-        schema = super().get_schema(routes)
-        for path, operations in schema["paths"].items():
-            for operation in operations.values():
-                responses = operation["responses"]
-                if path.startswith("/api/"):
-                    responses["401"] = {"$ref": "#/components/responses/Unauthorized"}
-                    responses["503"] = {"$ref": "#/components/responses/Unavailable"}
-                if "requestBody" in operation:
-                    responses["400"] = {"$ref": "#/components/responses/NotJSON"}
-                    responses["413"] = {"$ref": "#/components/responses/TooLarge"}
-                    responses["422"] = {"$ref": "#/components/responses/Invalid"}
-                if path.startswith("/api/{user_id}/"):
-                    operation["parameters"] = [{"$ref": "#/components/parameters/user_id"}, *operation.get("parameters", [])]
-                    responses["403"] = {"$ref": "#/components/responses/Forbidden"}
-                elif path.startswith("/api/"):
-                    for status in [status for status in responses if status.startswith("2")]:
-                        responses[status] = self.enveloped(responses[status])
-        return schema
-
-    def enveloped(self, response: dict) -> dict:
-        if "$ref" in response:  # a shared response: enveloped in a copy
-            response = copy.deepcopy(self.base_schema["components"]["responses"][response["$ref"].rpartition("/")[2]])
-        if "content" in response:
-            content = response["content"]["application/json"]
-            content["schema"] = {"type": "object", "required": ["data"], "properties": {"data": content["schema"]}}
-        return response
-
-
-async def openapi(request: Request) -> Response:
-    return JSONResponse(request.app.state.openapi)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Routes and app
 
 
-def task_routes(prefix: str) -> list:
-    """One route family; `prefix` is "/api/{user_id}" (path-scoped) or "/api" (token-scoped)."""
+def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
+    """One route family. Path-scoped (/api/{user_id}/...) answers with bare bodies; token-scoped
+    (/api/...) wraps them as {"data": ...}. Every route, without exception, is behind BearerAuth."""
+    auth = [Middleware(BearerAuth, path_scoped=path_scoped)]
+    envelope = not path_scoped
+
+    def route(path: str, handler, methods: list[str]) -> Route:
+        endpoint = functools.partial(handler, envelope=envelope)
+        return Route(f"{prefix}{path}", endpoint, methods=methods, middleware=auth)
+
     return [
-        Route(f"{prefix}/tasks", list_tasks, methods=["GET"]),
-        Route(f"{prefix}/tasks", create_task, methods=["POST"]),
-        Route(f"{prefix}/tasks/{{task_id}}", get_task, methods=["GET"]),
-        Route(f"{prefix}/tasks/{{task_id}}", update_task, methods=["PUT", "PATCH"]),
-        Route(f"{prefix}/tasks/{{task_id}}", delete_task, methods=["DELETE"]),
-        Route(f"{prefix}/tasks/{{task_id}}/complete", complete_task, methods=["PATCH"]),
-        Route(f"{prefix}/tasks/{{task_id}}/toggle", complete_task, methods=["PATCH"]),
+        route("/tasks", list_tasks, ["GET"]),
+        route("/tasks", create_task, ["POST"]),
+        route("/tasks/{task_id}", get_task, ["GET"]),
+        route("/tasks/{task_id}", update_task, ["PUT", "PATCH"]),
+        route("/tasks/{task_id}", delete_task, ["DELETE"]),
+        route("/tasks/{task_id}/complete", complete_task, ["PATCH"]),
+        route("/tasks/{task_id}/toggle", complete_task, ["PATCH"]),
     ]
 
 
-# Token-scoped first: its fixed segments are the more specific match ("/api/tasks/{task_id}"
-# would otherwise be read as the path-scoped list of a user called "tasks").
+async def openapi(request: Request) -> Response:
+    return Response(request.app.state.openapi, media_type="application/json")
+
+
+# The only routes without a token. Token-scoped before path-scoped: its fixed segments are the more
+# specific match ("/api/tasks/{task_id}" would otherwise be the list of a user called "tasks").
 routes = [
     Route("/health", health, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"], include_in_schema=False),
-    *task_routes("/api"),
-    *task_routes("/api/{user_id}"),
+    Route("/openapi.json", openapi, methods=["GET"]),
+    *task_routes("/api", path_scoped=False),
+    *task_routes("/api/{user_id}", path_scoped=True),
 ]
 
 
@@ -1042,6 +905,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        configure_logging()
+        if verifier is None and (problem := settings_problem()):
+            raise RuntimeError(f"service: {problem}")  # `python service.py` says this before starting
         await database.connect()
         try:
             await apply_schema(database)
@@ -1060,7 +926,7 @@ def create_app(
                 allow_headers=["Authorization", "Content-Type"],
                 expose_headers=["Location", "X-Total-Count"],
                 max_age=600,
-            )
+            ),
         ],
         exception_handlers={
             HTTPException: http_error,
@@ -1070,22 +936,32 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.database = database
-    app.state.openapi = TaskSchemaGenerator(OPENAPI_BASE).get_schema(routes)
+    app.state.openapi = OPENAPI_PATH.read_bytes()
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 
 
 app = create_app()
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["token"] and len(sys.argv) == 3:
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="service.py", description="Serve the task API, or mint a token.")
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve beyond this machine (the Procfile)")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("token", help="print a one-hour HS256 token for USER_ID").add_argument("user_id")
+    args = parser.parse_args(argv)
+    if args.command == "token":
         if not BETTER_AUTH_SECRET:
             sys.exit("service: `token` signs with BETTER_AUTH_SECRET, which is not set")
-        print(mint_token(sys.argv[2], BETTER_AUTH_SECRET))
-    elif len(sys.argv) == 1:
-        import uvicorn
+        print(mint_token(args.user_id, BETTER_AUTH_SECRET))
+        return
+    if problem := settings_problem():
+        sys.exit(f"service: {problem}")
+    import uvicorn
 
-        uvicorn.run(app, host="127.0.0.1", port=PORT, access_log=False)
-    else:
-        sys.exit("usage: python service.py            serve the API on 127.0.0.1:$PORT\n"
-                 "       python service.py token ID   print a one-hour token for user ID")
+    configure_logging()
+    uvicorn.run(app, host=args.host, port=PORT, access_log=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

