@@ -14,25 +14,28 @@ import argparse
 import asyncio
 import functools
 import hashlib
+import ipaddress
 import json
 import logging
+import os
 import re
+import secrets
 import sqlite3
+import ssl
 import sys
 import time
-import urllib.request
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
+import aiosqlite
 import asyncpg
+import h11
 import jwt
-from databases import Database, DatabaseURL
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -59,6 +62,22 @@ JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""))
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 PORT = config("PORT", cast=int, default=8000)
+MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
+# Requests in flight plus open connections, per process; uvicorn answers 503 beyond it.
+LIMIT_CONCURRENCY = config("LIMIT_CONCURRENCY", cast=int, default=256)
+
+# Secrets this repository has published as examples (.env.example, now and before): never a secret.
+PUBLISHED_SECRETS = {
+    "dev-only-secret-change-me-0123456789abcdef",
+    "replace-me-with-the-output-of-openssl-rand-base64-32",
+}
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
 
 
 def settings_problem() -> str | None:
@@ -71,10 +90,16 @@ def settings_problem() -> str | None:
     # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
     if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:
         return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
-    if JWKS_URL and not JWKS_URL.startswith(("https://", "http://")):
-        return f"JWKS_URL must be an http(s) URL, not {JWKS_URL!r}"
+    if BETTER_AUTH_SECRET in PUBLISHED_SECRETS:
+        return "BETTER_AUTH_SECRET is the published example value: make one with `openssl rand -base64 32`"
+    # The keys decide who is who: fetch them over TLS, except from this machine (local development).
+    jwks = urlsplit(JWKS_URL)
+    if JWKS_URL and not (jwks.scheme == "https" or jwks.scheme == "http" and is_loopback(jwks.hostname)):
+        return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
     if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
         return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
+    if MAX_TASKS_PER_USER < 1:
+        return "MAX_TASKS_PER_USER must be at least 1"
     return None
 
 
@@ -84,12 +109,18 @@ MAX_BODY_BYTES = 64 * 1024
 TITLE_MAX, DESCRIPTION_MAX = 200, 1000
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit on both databases
+MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))  # checked before int(), which refuses 4,300+ digits
 CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
 MAX_TOKEN_BYTES = 8 * 1024
+MAX_SUBJECT_LENGTH = 255  # a user id; longer ones would not fit PostgreSQL's primary-key index anyway
+MAX_EMAIL_LENGTH = 320  # RFC 3696; a longer email claim is not stored
 VERIFIED_TOKENS_KEPT = 4096  # at about 200 bytes each
 VERIFIED_TOKEN_SECONDS = 60
-JWKS_REFETCH_SECONDS = 30  # the least time between two fetches of the key set
-JWKS_TIMEOUT_SECONDS = 3
+# A removed JWKS key stops working within JWKS_MAX_AGE_SECONDS + VERIFIED_TOKEN_SECONDS (6 minutes).
+JWKS_MAX_AGE_SECONDS = 300  # an older key set is not used: the request waits for a new one
+JWKS_REFRESH_SECONDS = 240  # a key set in use is refetched in the background after this
+JWKS_REFETCH_SECONDS = 30  # the least time between two fetches (unknown kids, failed fetches)
+JWKS_DEADLINE_SECONDS = 3  # for all of one fetch: connect, send, every read
 JWKS_MAX_BYTES = 1024 * 1024
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 
@@ -108,62 +139,133 @@ def configure_logging() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Database
+# Database: PostgreSQL through asyncpg's pool, or one shared SQLite connection through aiosqlite.
+# Both offer the same three things: fetch(sql, values) for one statement, transaction() for several,
+# and connection(), the one place every statement starts.
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 
-class SQLiteWithForeignKeys(sqlite3.Connection):
-    """SQLite leaves foreign keys off on every new connection; ON DELETE CASCADE needs them on."""
+class PostgreSQL:
+    dialect = "postgresql"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.execute("PRAGMA foreign_keys = ON")
+    def __init__(self, url: str, pooled: bool) -> None:
+        # asyncpg reads the URL itself (sslmode included); the pool's size is ours to take out of it.
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        self.sizes = {name: int(value) for name, value in query if name in ("min_size", "max_size")}
+        self.dsn = parts._replace(query=urlencode([(k, v) for k, v in query if k not in self.sizes])).geturl()
+        self.pooled = pooled
+        self.pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> None:
+        self.pool = await asyncpg.create_pool(
+            self.dsn,
+            **self.sizes,
+            timeout=DATABASE_CONNECT_TIMEOUT_SECONDS,
+            command_timeout=DATABASE_COMMAND_TIMEOUT_SECONDS,
+            # PgBouncer in transaction mode may run each transaction on another server connection,
+            # where a statement asyncpg prepared earlier does not exist: so asyncpg must keep none.
+            statement_cache_size=0 if self.pooled else 100,
+        )
+
+    async def disconnect(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def connection(self):
+        async with self.pool.acquire() as connection:
+            yield connection
+
+    async def fetch(self, sql: str, values: dict | None = None) -> list:
+        async with self.connection() as connection:
+            return await self.run(connection, sql, values)
+
+    @asynccontextmanager
+    async def transaction(self):
+        async with self.connection() as connection, connection.transaction():
+            yield functools.partial(self.run, connection)
+
+    @staticmethod
+    async def run(connection: asyncpg.Connection, sql: str, values: dict | None) -> list:
+        text, names = driver_sql(sql)
+        return await connection.fetch(text, *[values[name] for name in names])
 
 
-def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
-    if url.startswith("sqlite"):
-        return Database(url, factory=SQLiteWithForeignKeys)
-    options = {"timeout": DATABASE_CONNECT_TIMEOUT_SECONDS, "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS}
-    if pooled:
-        # PgBouncer in transaction mode may run each transaction on another server connection, where
-        # a statement asyncpg prepared earlier does not exist: so asyncpg must not keep any.
-        options["statement_cache_size"] = 0
-    url_options = DatabaseURL(url).options
-    if "sslmode" in url_options and "ssl" not in url_options:
-        # `databases` hands asyncpg only host, port, user, password and database from the URL, and
-        # would silently drop Neon's ?sslmode=require.
-        options["ssl"] = url_options["sslmode"]
-    return Database(url, **options)
+class SQLite:
+    """One long-lived connection shared by every request, one statement or transaction at a time.
+    SQLite writes one at a time anyway; a connection per request cost a thread per request."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: str) -> None:
+        self.path = url.removeprefix("sqlite://").removeprefix("/")  # sqlite:///./tasks.db, sqlite:////abs
+        self.lock = asyncio.Lock()
+        self.shared: aiosqlite.Connection | None = None
+
+    async def connect(self) -> None:
+        # isolation_level=None: each statement commits by itself unless transaction() began one.
+        self.shared = await aiosqlite.connect(self.path, isolation_level=None)
+        self.shared.row_factory = sqlite3.Row
+        await self.shared.execute("PRAGMA foreign_keys = ON")  # off by default; ON DELETE CASCADE needs it
+        # Write-ahead logging lets other processes read while this one writes; it lives in the file.
+        await self.shared.execute("PRAGMA journal_mode = WAL")
+
+    async def disconnect(self) -> None:
+        await self.shared.close()
+
+    @asynccontextmanager
+    async def connection(self):
+        async with self.lock:
+            yield self.shared
+
+    async def fetch(self, sql: str, values: dict | None = None) -> list:
+        async with self.connection() as connection:
+            return await self.run(connection, sql, values)
+
+    @asynccontextmanager
+    async def transaction(self):
+        async with self.connection() as connection:
+            await connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield functools.partial(self.run, connection)
+            except BaseException:
+                await connection.execute("ROLLBACK")
+                raise
+            await connection.execute("COMMIT")
+
+    @staticmethod
+    async def run(connection: aiosqlite.Connection, sql: str, values: dict | None) -> list:
+        async with connection.execute(sql, values or {}) as cursor:
+            return list(await cursor.fetchall())
+
+
+def open_database(url: str, pooled: bool = DATABASE_POOLED) -> PostgreSQL | SQLite:
+    return SQLite(url) if url.startswith("sqlite") else PostgreSQL(url, pooled)
 
 
 SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
 
 
-async def apply_schema(database: Database) -> None:
-    if database.url.dialect == "sqlite":
-        # Write-ahead logging lets readers and a writer work at once; the setting lives in the file.
-        await database.execute("PRAGMA journal_mode = WAL")
-    async with database.transaction():
-        if database.url.dialect == "postgresql":
+async def apply_schema(database: PostgreSQL | SQLite) -> None:
+    async with database.transaction() as run:
+        if database.dialect == "postgresql":
             # Instances starting together on an empty database would otherwise race in CREATE TABLE
             # IF NOT EXISTS. A transaction-level lock also works through PgBouncer's transaction mode.
-            await run(database, "SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
+            await run("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
         for statement in SCHEMA_PATH.read_text().split(";"):
             if statement.strip():
-                await run(database, statement)
+                await run(statement, None)
 
 
 SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
 
 
 @functools.cache
-def driver_sql(sql: str, dialect: str) -> tuple[str, tuple[str, ...]]:
-    """A statement with :name parameters as the driver takes it, and the parameter order.
-    sqlite3 binds :name itself; asyncpg wants $1, $2, ..., one number per name however often it
-    is used. Quoted literals and :: casts are left as they are."""
-    if dialect == "sqlite":
-        return sql, ()
+def driver_sql(sql: str) -> tuple[str, tuple[str, ...]]:
+    """A statement with :name parameters as asyncpg takes it ($1, $2, ..., one number per name
+    however often it is used), and the parameter order. sqlite3 binds :name itself. Quoted literals
+    and :: casts are left as they are."""
     names: list[str] = []
 
     def numbered(match: re.Match) -> str:
@@ -175,20 +277,6 @@ def driver_sql(sql: str, dialect: str) -> tuple[str, tuple[str, ...]]:
         return f"${names.index(name) + 1}"
 
     return SQL_LITERAL_OR_PARAMETER.sub(numbered, sql), tuple(names)
-
-
-async def run(database: Database, sql: str, values: dict | None = None) -> list:
-    """The statement's rows, each readable by column name. It runs on the connection `databases`
-    manages for this request (its pool, its transactions), but is not compiled through SQLAlchemy,
-    as databases' own fetch methods do on every call: under load that cost more than the query."""
-    text, names = driver_sql(sql, database.url.dialect)
-    async with database.connection() as connection:
-        driver = connection.raw_connection
-        if database.url.dialect == "sqlite":
-            async with driver.execute(text, values or {}) as cursor:
-                columns = [column[0] for column in cursor.description or ()]
-                return [dict(zip(columns, row, strict=True)) for row in await cursor.fetchall()]
-        return await driver.fetch(text, *[values[name] for name in names])
 
 
 def utc_now() -> str:
@@ -207,8 +295,10 @@ def utc_now() -> str:
 #   `iss` and `aud` must be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's
 #   tokens from the same Better Auth are not ours. "*" turns a check off, for operators who share
 #   tokens deliberately.
-# - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY; `sub` is a
-#   non-blank string; tokens over MAX_TOKEN_BYTES are not read.
+# - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY. `exp`, `nbf` and
+#   `iat` must be numbers JavaScript holds exactly (not strings, booleans, NaN or over 2**53); `sub`
+#   a non-blank string of at most MAX_SUBJECT_LENGTH characters that PostgreSQL can store. Tokens over
+#   MAX_TOKEN_BYTES are not read. Anything else is the one 401: no claim value can reach a 500.
 
 HS256_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
@@ -241,10 +331,10 @@ def bearer_token(headers: Headers) -> str:
 
 
 def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: str = ANY) -> dict:
-    """The token's claims if the signature, the required claims, exp, nbf and (unless ANY) iss and
-    aud all hold; otherwise the one 401."""
+    """The token's claims if the signature, the claims' types, exp, nbf and (unless ANY) iss and aud
+    all hold; otherwise the one 401."""
     try:
-        return jwt.decode(
+        claims = jwt.decode(
             token,
             key,
             algorithms=algorithms,
@@ -253,15 +343,59 @@ def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: 
             leeway=CLOCK_SKEW_LEEWAY,
             options={"require": REQUIRED_CLAIMS, "verify_aud": audience != ANY},
         )
-    except jwt.InvalidTokenError:
+    # PyJWT converts time claims with int(): a list is a TypeError, an infinity an OverflowError.
+    except (jwt.InvalidTokenError, TypeError, ValueError, OverflowError):
         raise invalid_token() from None
+    if not all(is_time_claim(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
+        raise invalid_token()  # PyJWT took "1999999999" (a string) for a number
+    if not is_user_id(claims["sub"]):
+        raise invalid_token()
+    return claims
 
 
-def fetch_json(url: str):
-    """Blocking; runs in a worker thread so the event loop keeps serving."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    with urllib.request.urlopen(request, timeout=JWKS_TIMEOUT_SECONDS) as response:
-        return json.loads(response.read(JWKS_MAX_BYTES))
+def is_time_claim(value) -> bool:
+    """A number of seconds JavaScript can hold exactly (Better Auth is JavaScript): not a string, not
+    a boolean, not NaN, infinite or beyond 2**53, any of which would fail in arithmetic later."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= 2**53  # False for NaN too; an int is compared exactly, however large
+
+
+def is_user_id(subject) -> bool:
+    """A non-blank string PostgreSQL can store (no NUL, no unpaired surrogate) in its index."""
+    if not isinstance(subject, str) or not subject.strip() or len(subject) > MAX_SUBJECT_LENGTH:
+        return False
+    return storable_text(subject)
+
+
+async def fetch_json(url: str):
+    """GET the URL and parse its JSON. JWKS_DEADLINE_SECONDS bounds all of it (a server that drips
+    bytes cannot hold a fetch longer); only a 200 counts, so redirects are not followed."""
+    parts = urlsplit(url)
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    connection, status, body = h11.Connection(h11.CLIENT), None, bytearray()
+    async with asyncio.timeout(JWKS_DEADLINE_SECONDS):
+        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=tls)
+        try:
+            headers = [("Host", parts.netloc), ("Accept", "application/json"), ("Connection", "close")]
+            writer.write(connection.send(h11.Request(method="GET", target=target, headers=headers)))
+            writer.write(connection.send(h11.EndOfMessage()))
+            while not isinstance(event := connection.next_event(), (h11.EndOfMessage, h11.ConnectionClosed)):
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await reader.read(64 * 1024))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > JWKS_MAX_BYTES:
+                        raise ValueError(f"more than {JWKS_MAX_BYTES} bytes")
+        finally:
+            writer.close()
+    if status != 200:
+        raise ValueError(f"answered {status}")
+    return json.loads(body)
 
 
 def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
@@ -279,30 +413,50 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
 
 
 class KeySet:
-    """Better Auth's public keys: fetched once, then again only for an unknown kid (key rotation),
-    at most once per JWKS_REFETCH_SECONDS however many such tokens arrive."""
+    """Better Auth's public keys. Fetched on first use; refetched in the background once they are
+    JWKS_REFRESH_SECONDS old and in use; never used once JWKS_MAX_AGE_SECONDS old (the request then
+    waits for a fetch, at most JWKS_DEADLINE_SECONDS), so a key removed from the JWKS stops working.
+    An unknown kid (key rotation) causes a fetch too. Fetches are at most one per
+    JWKS_REFETCH_SECONDS however many requests want one, and a failed fetch, or one with no usable
+    key, keeps the keys there were."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.keys: dict[str, jwt.PyJWK] = {}
-        self.fetched_at = float("-inf")
+        self.loaded_at = float("-inf")  # when self.keys were last read from the JWKS
+        self.fetched_at = float("-inf")  # when a fetch was last tried
         self.fetches = 0
         self.lock = asyncio.Lock()
+        self.refreshing: asyncio.Task | None = None
+        self.clock = time.monotonic
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
-        if kid not in self.keys:
-            async with self.lock:  # concurrent unknown kids wait for one fetch, not one each
-                if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_REFETCH_SECONDS:
-                    await self.refetch()
+        age = self.clock() - self.loaded_at
+        if kid not in self.keys or age >= JWKS_MAX_AGE_SECONDS:
+            await self.refetch_unless_recent()
+        elif age >= JWKS_REFRESH_SECONDS and self.refreshing is None:
+            self.refreshing = asyncio.create_task(self.refetch_unless_recent())
+            self.refreshing.add_done_callback(lambda _: setattr(self, "refreshing", None))
+        if self.clock() - self.loaded_at >= JWKS_MAX_AGE_SECONDS:
+            return None  # too old to trust, and no newer set could be had
         return self.keys.get(kid)
 
+    async def refetch_unless_recent(self) -> None:
+        async with self.lock:  # concurrent callers wait for one fetch, not one each
+            if self.clock() - self.fetched_at >= JWKS_REFETCH_SECONDS:
+                await self.refetch()
+
     async def refetch(self) -> None:
-        self.fetched_at, self.fetches = time.monotonic(), self.fetches + 1
+        self.fetched_at, self.fetches = self.clock(), self.fetches + 1
         try:
-            self.keys = usable_keys(await run_in_threadpool(fetch_json, self.url))
-        except (OSError, ValueError) as exc:  # unreachable, timed out, or not JSON
-            # Keys already cached keep working while the endpoint is down.
-            log.warning("JWKS: fetching %s failed (%s); %d cached keys kept", self.url, exc, len(self.keys))
+            keys = usable_keys(await fetch_json(self.url))
+        except (OSError, ValueError, h11.ProtocolError) as exc:  # unreachable, too slow, not a 200, not JSON
+            log.warning("JWKS: fetching %s failed (%r); %d cached keys kept", self.url, exc, len(self.keys))
+            return
+        if not keys:
+            log.warning("JWKS: %s has no usable key; %d cached keys kept", self.url, len(self.keys))
+            return
+        self.keys, self.loaded_at = keys, self.clock()
 
 
 class TokenVerifier:
@@ -330,7 +484,7 @@ class TokenVerifier:
                 return caller
         claims = await self.verify(token)
         email = claims.get("email")
-        caller = Caller(claims["sub"], email if isinstance(email, str) else None)
+        caller = Caller(claims["sub"], email if isinstance(email, str) and len(email) <= MAX_EMAIL_LENGTH else None)
         if len(self.verified) >= VERIFIED_TOKENS_KEPT:
             del self.verified[next(iter(self.verified))]  # the oldest
         expires_at = claims["exp"] + CLOCK_SKEW_LEEWAY.total_seconds()
@@ -351,11 +505,16 @@ class TokenVerifier:
             claims = decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
         else:
             raise invalid_token()
-        subject = claims.get("sub")
-        # A NUL cannot be stored in PostgreSQL text; such a subject is not a user of ours.
-        if not isinstance(subject, str) or not subject.strip() or "\x00" in subject:
-            raise invalid_token()
         return claims
+
+    def accepted(self) -> str:
+        """Which tokens this verifier accepts, for the start-up log (never the secret)."""
+        kinds = ["HS256 signed with BETTER_AUTH_SECRET"] if self.secret else []
+        if self.key_set:
+            kinds.append(
+                f"EdDSA/ES256/RS256 from the JWKS at {self.key_set.url} (iss {self.issuer}, aud {self.audience})"
+            )
+        return "; ".join(kinds) or "none"
 
 
 class BearerAuth:
@@ -387,12 +546,16 @@ def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=
 
 TASK_COLUMNS = "id, user_id, title, description, completed, created_at, updated_at"
 
-# A user's row is made with their first task. Its task_count changes in the same transaction as
-# every insert and delete of a task, so an unfiltered list's total is read, not counted: counting
-# 100,000 rows for X-Total-Count made the first page of such a user 47 times slower.
+# A user's row is made with their first task. Its task_count changes in the same statement (on
+# SQLite, the same transaction) as every insert and delete of a task, so an unfiltered list's total is
+# read, not counted (counting 100,000 rows for X-Total-Count made such a user's first page 47 times
+# slower), and the cap of MAX_TASKS_PER_USER is exact: concurrent creates queue on the user's row.
+# No row back means the user is at the cap, and nothing was written.
 COUNT_NEW_TASK = """
     INSERT INTO users (id, email, created_at, task_count) VALUES (:user_id, :email, :now, 1)
     ON CONFLICT (id) DO UPDATE SET task_count = users.task_count + 1
+    WHERE users.task_count < :max_tasks
+    RETURNING id
 """
 
 UNCOUNT_DELETED_TASK = "UPDATE users SET task_count = task_count - 1 WHERE id = :user_id"
@@ -402,6 +565,17 @@ USER_TASK_COUNT = "SELECT task_count AS total FROM users WHERE id = :user_id"
 INSERT_TASK = f"""
     INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at)
     VALUES (:id, :user_id, :title, :description, :completed, :now, :now)
+    RETURNING {TASK_COLUMNS}
+"""
+
+# PostgreSQL does both in one statement (SQLite has no INSERT inside WITH: it runs the two above in
+# a transaction). The task is inserted only if the user's count went up.
+CREATE_TASK = f"""
+    WITH counted AS ({COUNT_NEW_TASK})
+    INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at)
+    SELECT CAST(:id AS TEXT), CAST(:user_id AS TEXT), CAST(:title AS TEXT), CAST(:description AS TEXT),
+           CAST(:completed AS BOOLEAN), CAST(:now AS TEXT), CAST(:now AS TEXT)
+    FROM counted
     RETURNING {TASK_COLUMNS}
 """
 
@@ -437,6 +611,16 @@ DELETE_TASK = """
     DELETE FROM tasks
     WHERE id = :id AND user_id = :user_id
     RETURNING id
+"""
+
+# PostgreSQL: the delete and the count's change in one statement; SQLite runs the two above.
+DELETE_AND_UNCOUNT_TASK = f"""
+    WITH deleted AS ({DELETE_TASK}),
+    uncounted AS (
+        UPDATE users SET task_count = task_count - 1
+        WHERE id = :user_id AND EXISTS (SELECT 1 FROM deleted)
+    )
+    SELECT id FROM deleted
 """
 
 # A NULL parameter switches its filter off. The CASTs give PostgreSQL the parameter's type, which
@@ -533,13 +717,18 @@ def text_errors(name: str, value, max_length: int) -> list:
     return []
 
 
+# What JavaScript's String.prototype.trim() removes, as the frontends do; Python's str.strip() would
+# also take \x1c-\x1f and \x85, which JSON Schema's \s (in openapi.json) does not.
+WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(map(chr, range(0x2000, 0x200B)))
+
+
 def parse_task_fields(body, partial: bool) -> dict:
     """The fields of a create (all rules) or an update (only the fields given, at least one)."""
     if not isinstance(body, dict):
         raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
     fields, errors = {}, []
     if "title" in body:
-        title = body["title"].strip() if isinstance(body["title"], str) else body["title"]
+        title = body["title"].strip(WHITE_SPACE) if isinstance(body["title"], str) else body["title"]
         errors += text_errors("title", title, TITLE_MAX)
         if title == "":
             errors.append((("body", "title"), "String should have at least 1 character", "string_too_short"))
@@ -596,7 +785,7 @@ def non_negative_int(params, name: str, default: int, low: int, high: int, error
     raw = params.get(name)
     if raw is None:
         return default
-    if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
+    if raw.isascii() and raw.isdigit() and len(raw) <= MAX_QUERY_NUMBER_DIGITS and low <= int(raw) <= high:
         return int(raw)
     errors.append((("query", name), f"Input should be a whole number from {low} to {high}", "int_range"))
     return default
@@ -680,11 +869,11 @@ async def list_tasks(request: Request, envelope: bool) -> Response:
     if query["completed"] == "conflict":
         return reply([], envelope, headers={"X-Total-Count": "0"})
     values = {"user_id": request.user.id, **{key: query[key] for key in ("completed", "pattern", "limit", "offset")}}
-    rows = await run(database, query["statement"], values)
+    rows = await database.fetch(query["statement"], values)
     if rows:
         total = rows[0]["total_count"]
     elif query["offset"]:
-        counted = await run(database, query["count_statement"], values)
+        counted = await database.fetch(query["count_statement"], values)
         total = counted[0]["total"] if counted else 0
     else:
         total = 0
@@ -693,28 +882,33 @@ async def list_tasks(request: Request, envelope: bool) -> Response:
 
 async def create_task(request: Request, envelope: bool) -> Response:
     fields = parse_task_fields(await read_json_body(request), partial=False)
-    database, now, caller = request.app.state.database, utc_now(), request.user
-    async with database.transaction():
-        await run(database, COUNT_NEW_TASK, {"user_id": caller.id, "email": caller.email, "now": now})
-        [row] = await run(
-            database,
-            INSERT_TASK,
-            {
-                "id": str(uuid.uuid4()),
-                "user_id": caller.id,
-                "title": fields["title"],
-                "description": fields.get("description"),
-                "completed": fields.get("completed", False),
-                "now": now,
-            },
-        )
-    location = f"{quote(request.url.path)}/{row['id']}"
-    return reply(task_json(row), envelope, 201, headers={"Location": location})
+    database, caller = request.app.state.database, request.user
+    values = {
+        "id": str(uuid.uuid4()),
+        "user_id": caller.id,
+        "email": caller.email,
+        "title": fields["title"],
+        "description": fields.get("description"),
+        "completed": fields.get("completed", False),
+        "now": utc_now(),
+        "max_tasks": request.app.state.max_tasks_per_user,
+    }
+    if database.dialect == "postgresql":
+        rows = await database.fetch(CREATE_TASK, values)
+    else:
+        async with database.transaction() as run:
+            rows = await run(COUNT_NEW_TASK, values)
+            if rows:
+                rows = await run(INSERT_TASK, values)
+    if not rows:
+        raise HTTPException(409, "Task limit reached")
+    location = f"{quote(request.url.path)}/{rows[0]['id']}"
+    return reply(task_json(rows[0]), envelope, 201, headers={"Location": location})
 
 
 async def get_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
-    rows = await run(request.app.state.database, SELECT_TASK, values)
+    rows = await request.app.state.database.fetch(SELECT_TASK, values)
     return reply(task_or_404(rows), envelope)
 
 
@@ -726,7 +920,7 @@ async def update_task(request: Request, envelope: bool) -> Response:
     for name in ("title", "description", "completed"):
         values[f"set_{name}"] = name in fields
         values[name] = fields.get(name)
-    rows = await run(request.app.state.database, UPDATE_TASK, values)
+    rows = await request.app.state.database.fetch(UPDATE_TASK, values)
     return reply(task_or_404(rows), envelope)
 
 
@@ -735,20 +929,24 @@ async def complete_task(request: Request, envelope: bool) -> Response:
     task_id = task_id_or_404(request)
     completed = parse_completed_body(await read_json_body(request, required=False))
     values = {"id": task_id, "user_id": request.user.id, "now": utc_now()}
+    database = request.app.state.database
     if completed is None:
-        rows = await run(request.app.state.database, TOGGLE_TASK, values)
+        rows = await database.fetch(TOGGLE_TASK, values)
     else:
-        rows = await run(request.app.state.database, SET_TASK_COMPLETED, {**values, "completed": completed})
+        rows = await database.fetch(SET_TASK_COMPLETED, {**values, "completed": completed})
     return reply(task_or_404(rows), envelope)
 
 
 async def delete_task(request: Request, envelope: bool) -> Response:
-    user_id, database = request.user.id, request.app.state.database
-    values = {"id": task_id_or_404(request), "user_id": user_id}
-    async with database.transaction():
-        deleted = await run(database, DELETE_TASK, values)
-        if deleted:
-            await run(database, UNCOUNT_DELETED_TASK, {"user_id": user_id})
+    database = request.app.state.database
+    values = {"id": task_id_or_404(request), "user_id": request.user.id}
+    if database.dialect == "postgresql":
+        deleted = await database.fetch(DELETE_AND_UNCOUNT_TASK, values)
+    else:
+        async with database.transaction() as run:
+            deleted = await run(DELETE_TASK, values)
+            if deleted:
+                await run(UNCOUNT_DELETED_TASK, values)
     if not deleted:
         raise task_not_found()
     return Response(status_code=204)
@@ -757,7 +955,7 @@ async def delete_task(request: Request, envelope: bool) -> Response:
 async def health(request: Request) -> Response:
     """No token needed: the platform's health check calls it."""
     try:
-        await run(request.app.state.database, "SELECT 1")
+        await request.app.state.database.fetch("SELECT 1")
     except Exception:
         log.warning("health check: database did not answer", exc_info=True)
         return JSONResponse({"status": "unavailable", "database": "unavailable"}, 503)
@@ -808,8 +1006,17 @@ async def database_error(request: Request, exc: Exception) -> Response:
 async def server_error(request: Request, exc: Exception) -> Response:
     request_id = request.scope.get("state", {}).get("request_id", "-")
     log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path, exc_info=exc)
-    # This response leaves from outside RequestLog, so it carries RequestLog's headers itself.
-    return JSONResponse({"detail": "Internal server error"}, 500, headers=response_headers(request.scope, request_id))
+    # This response leaves from outside RequestLog and CORSMiddleware, so it carries their headers
+    # itself: a browser at an allowed origin could not read the error otherwise.
+    headers = response_headers(request.scope, request_id)
+    if request.headers.get("origin") in CORS_ORIGINS:
+        headers |= {
+            "Access-Control-Allow-Origin": request.headers["origin"],
+            "Access-Control-Allow-Credentials": "true",
+            "Access-Control-Expose-Headers": ", ".join(CORS_EXPOSED_HEADERS),
+            "Vary": "Origin",
+        }
+    return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -888,6 +1095,21 @@ async def openapi(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
+CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
+
+
+class CORS(CORSMiddleware):
+    """Starlette's, except that an origin that is not allowed gets no CORS header at all (Starlette's
+    would still send Allow-Credentials and Expose-Headers to it)."""
+
+    async def simple_response(self, scope: Scope, receive: Receive, send: Send, request_headers: Headers) -> None:
+        origin = request_headers.get("origin")
+        if origin is None or self.is_allowed_origin(origin):
+            await super().simple_response(scope, receive, send, request_headers)
+        else:
+            await self.app(scope, receive, send)
+
+
 # The only routes without a token. Token-scoped before path-scoped: its fixed segments are the more
 # specific match ("/api/tasks/{task_id}" would otherwise be the list of a user called "tasks").
 routes = [
@@ -908,6 +1130,7 @@ def create_app(
         configure_logging()
         if verifier is None and (problem := settings_problem()):
             raise RuntimeError(f"service: {problem}")  # `python service.py` says this before starting
+        log.info("accepting tokens: %s", app.state.verifier.accepted())
         await database.connect()
         try:
             await apply_schema(database)
@@ -920,11 +1143,12 @@ def create_app(
         middleware=[
             Middleware(RequestLog),
             Middleware(
-                CORSMiddleware,
-                allow_origins=list(CORS_ORIGINS),
+                CORS,
+                allow_origins=list(CORS_ORIGINS),  # never "*": the browser sends credentials
+                allow_credentials=True,  # fetch(url, {credentials: "include"}) from the frontend
                 allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                 allow_headers=["Authorization", "Content-Type"],
-                expose_headers=["Location", "X-Total-Count"],
+                expose_headers=CORS_EXPOSED_HEADERS,
                 max_age=600,
             ),
         ],
@@ -936,12 +1160,28 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.database = database
+    app.state.max_tasks_per_user = MAX_TASKS_PER_USER
     app.state.openapi = OPENAPI_PATH.read_bytes()
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 
 
 app = create_app()
+
+
+def first_local_run(host: str) -> bool:
+    """`python service.py` on this machine with no settings at all: the quick start."""
+    return is_loopback(host) and not Path(".env").exists() and not BETTER_AUTH_SECRET and not JWKS_URL
+
+
+def write_local_env() -> None:
+    """A .env with a random secret, so the quick start is one command and never runs on a published
+    secret. Only on loopback: a deploy without settings is refused instead (see settings_problem)."""
+    fd = os.open(".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as env:
+        env.write("# Written by the first `python service.py`: a random secret for this machine only.\n")
+        env.write(f"BETTER_AUTH_SECRET={secrets.token_urlsafe(32)}\n")
+    print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
@@ -955,12 +1195,20 @@ def main(argv: list[str]) -> None:
             sys.exit("service: `token` signs with BETTER_AUTH_SECRET, which is not set")
         print(mint_token(args.user_id, BETTER_AUTH_SECRET))
         return
+    if first_local_run(args.host):
+        write_local_env()
+        os.execv(sys.executable, [sys.executable, *sys.argv])  # start again, reading the new .env
     if problem := settings_problem():
         sys.exit(f"service: {problem}")
     import uvicorn
 
     configure_logging()
-    uvicorn.run(app, host=args.host, port=PORT, access_log=False)
+    # Beyond LIMIT_CONCURRENCY connections and requests, uvicorn answers 503 rather than queueing
+    # without bound; an idle keep-alive connection is closed after 5 s. Header timeouts (slowloris)
+    # are the platform's proxy's job: see README.md, Production.
+    uvicorn.run(
+        app, host=args.host, port=PORT, access_log=False, limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5
+    )
 
 
 if __name__ == "__main__":

@@ -315,8 +315,8 @@ async def client(make_app):
     """An HTTP client on a started app with empty tables; `client.database` is the app's database."""
     app = make_app()
     async with app.router.lifespan_context(app):
-        await app.state.database.execute("DELETE FROM tasks")
-        await app.state.database.execute("DELETE FROM users")
+        await app.state.database.fetch("DELETE FROM tasks")
+        await app.state.database.fetch("DELETE FROM users")
         async with asgi_client(app) as http:
             http.database = app.state.database
             http.app = app
@@ -376,12 +376,12 @@ async def create(client, user="alice", family=PATH, **fields) -> dict:
 
 
 async def task_rows(client, user: str) -> list[dict]:
-    rows = await client.database.fetch_all(
+    rows = await client.database.fetch(
         "SELECT id, user_id, title, description, completed, created_at, updated_at "
         "FROM tasks WHERE user_id = :user_id ORDER BY id",
         {"user_id": user},
     )
-    return [{**dict(row._mapping), "completed": bool(row["completed"])} for row in rows]
+    return [{**dict(row), "completed": bool(row["completed"])} for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ async def test_first_task_creates_the_user_row_with_the_token_email(client):
     await client.post("/api/tasks", json={"title": "x"}, headers=auth("alice", email="alice@example.com"))
     await client.post("/api/tasks", json={"title": "y"}, headers=auth("alice", email="changed@example.com"))
     await client.post("/api/tasks", json={"title": "z"}, headers=auth("bob"))
-    users = await client.database.fetch_all("SELECT id, email FROM users ORDER BY id")
+    users = await client.database.fetch("SELECT id, email FROM users ORDER BY id")
     assert [(row["id"], row["email"]) for row in users] == [("alice", "alice@example.com"), ("bob", None)]
 
 
@@ -751,10 +751,11 @@ async def test_an_unexpected_error_is_a_bare_500(client, monkeypatch, caplog):
 
 async def test_a_failed_create_leaves_nothing_half_written(client, monkeypatch):
     # The user row is written first; a task insert that fails must take it back with it.
-    monkeypatch.setattr(service, "INSERT_TASK", "INSERT INTO no_such_table (id) VALUES (:id)")
+    for name in ("INSERT_TASK", "CREATE_TASK"):  # SQLite's second statement, PostgreSQL's one
+        monkeypatch.setattr(service, name, getattr(service, name).replace("INTO tasks", "INTO no_such_table"))
     response = await client.post("/api/tasks", json={"title": "t"}, headers=auth("newcomer"))
     assert response.status_code == 500
-    assert await client.database.fetch_all("SELECT id FROM users WHERE id = 'newcomer'") == []
+    assert await client.database.fetch("SELECT id FROM users WHERE id = 'newcomer'") == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -808,7 +809,7 @@ async def test_bad_credentials_are_401(client, family, name, header, detail):
         assert response.headers["www-authenticate"] == "Bearer"
         if header:
             assert header.split()[-1] not in response.text  # the token is never echoed
-    assert await client.database.fetch_all("SELECT id FROM tasks") == []
+    assert await client.database.fetch("SELECT id FROM tasks") == []
 
 
 def api_operations(app) -> list[tuple[str, str]]:
@@ -953,7 +954,7 @@ async def test_better_auth_tokens_are_accepted_for_each_key_type(client, family,
     )
     assert response.status_code == 201
     assert family.data(response)["user_id"] == "alice"
-    users = await client.database.fetch_all("SELECT id, email FROM users")
+    users = await client.database.fetch("SELECT id, email FROM users")
     assert [(row["id"], row["email"]) for row in users] == [("alice", "alice@example.com")]
 
 
@@ -1010,7 +1011,7 @@ async def test_bad_better_auth_tokens_are_401(client, name):
     assert response.status_code == 401
     assert response.json() == {"detail": INVALID}
     assert response.headers["www-authenticate"] == "Bearer"
-    assert await client.database.fetch_all("SELECT id FROM tasks") == []
+    assert await client.database.fetch("SELECT id FROM tasks") == []
 
 
 @pytest.mark.parametrize("auth_settings", [{"secret": ""}, {}], ids=["jwks-only", "both"])
@@ -1106,7 +1107,7 @@ async def test_a_jwks_answering_503_with_a_cold_cache_is_401(client, jwks):
 
 
 async def test_a_slow_jwks_fetch_times_out_and_does_not_block_other_requests(client, jwks, monkeypatch):
-    monkeypatch.setattr(service, "JWKS_TIMEOUT_SECONDS", 1)
+    monkeypatch.setattr(service, "JWKS_DEADLINE_SECONDS", 1)
     jwks.gate.clear()  # the JWKS endpoint stops answering
     outcome = {}
 
@@ -1122,6 +1123,308 @@ async def test_a_slow_jwks_fetch_times_out_and_does_not_block_other_requests(cli
             assert (await client.get("/api/tasks", headers=auth())).status_code == 200
             assert "jwks" not in outcome
     assert outcome["jwks"] == 401  # timed out: refused, not an error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Key sets expire, fetches have one deadline, and only a usable key set replaces the keys
+
+
+def advance(key_set, seconds: float) -> None:
+    """Move the key set's clock on, as if `seconds` had passed."""
+    clock = key_set.clock
+    key_set.clock = lambda: clock() + seconds
+
+
+async def background_refresh_done(key_set) -> None:
+    with anyio.fail_after(5):
+        while key_set.refreshing is not None:
+            await anyio.sleep(0.01)
+
+
+async def test_a_key_removed_from_the_jwks_stops_working_within_the_key_set_age(client, jwks, verifier):
+    token = better_auth_token()  # signed with ed-1
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 200
+    jwks.document["keys"] = [key for key in jwks.document["keys"] if key["kid"] != "ed-1"]
+    # Within the age limit the cached set is used, without waiting for a fetch...
+    advance(verifier.key_set, service.JWKS_REFRESH_SECONDS + 1)
+    advance_verifier_past_recheck(verifier)
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(nbf=None, jti="2")))).status_code == 200
+    # ...but a set that old is refetched in the background, and the next full check sees ed-1 gone.
+    await background_refresh_done(verifier.key_set)
+    assert jwks.requests == 2
+    advance_verifier_past_recheck(verifier)
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 401
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token("ES256")))).status_code == 200
+
+
+def advance_verifier_past_recheck(verifier) -> None:
+    clock = verifier.clock
+    verifier.clock = lambda: clock() + service.VERIFIED_TOKEN_SECONDS + 1
+
+
+async def test_a_key_set_past_its_age_is_not_used_even_when_the_jwks_is_down(client, jwks, verifier):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    jwks.down = True
+    advance(verifier.key_set, service.JWKS_MAX_AGE_SECONDS)
+    advance_verifier_past_recheck(verifier)
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 401
+    assert jwks.requests == 2  # it tried, within the request
+    jwks.down = False
+    advance(verifier.key_set, service.JWKS_REFETCH_SECONDS)
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(jti="3")))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "document", [{"keys": []}, {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}, ["not", "an", "object"]]
+)
+async def test_an_empty_or_unusable_key_set_never_replaces_a_usable_one(client, jwks, verifier, document):
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
+    jwks.document = document
+    advance(verifier.key_set, service.JWKS_REFETCH_SECONDS)
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(kid="rotated")))).status_code == 401
+    assert jwks.requests == 2
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token(jti="4")))).status_code == 200
+
+
+class DrippingServer:
+    """An HTTP server on 127.0.0.1 that answers one byte at a time, every `interval` seconds."""
+
+    def __init__(self, interval: float):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.interval, self.cut = interval, threading.Event()
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/jwks"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        connection, _ = self.listener.accept()
+        answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b" " * 1000
+        try:
+            for byte in answer:
+                connection.sendall(bytes([byte]))
+                time.sleep(self.interval)
+        except OSError:
+            self.cut.set()  # the client hung up
+
+
+async def test_a_jwks_server_that_drips_bytes_cannot_hold_a_fetch_past_its_deadline(client, monkeypatch):
+    dripping = DrippingServer(interval=0.1)
+    client.app.state.verifier = service.TokenVerifier(SECRET, dripping.url, ISSUER, ISSUER)
+    monkeypatch.setattr(service, "JWKS_DEADLINE_SECONDS", 0.5)
+    with anyio.fail_after(5):  # a guard, not a measurement: a per-read timeout would take 100 s
+        assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 401
+    assert await anyio.to_thread.run_sync(dripping.cut.wait, 5)
+
+
+class Redirecting(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.server.target)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_a_redirect_from_the_jwks_url_is_not_followed(client, jwks):
+    redirecting = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    redirecting.target = jwks.url  # a server with valid keys, elsewhere
+    threading.Thread(target=redirecting.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{redirecting.server_address[1]}/api/auth/jwks"
+        client.app.state.verifier = service.TokenVerifier(SECRET, url, ISSUER, ISSUER)
+        assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 401
+        assert jwks.requests == 0
+    finally:
+        redirecting.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile claims: a wrong type or size is a 401, never a 500, on both kinds of token
+
+HOSTILE_CLAIMS = {
+    "exp-numeric-string": {"exp": "1999999999"},
+    "exp-true": {"exp": True},
+    "exp-list": {"exp": [1999999999]},
+    "exp-object": {"exp": {"$date": 1999999999}},
+    "exp-infinity": {"exp": float("inf")},
+    "exp-nan": {"exp": float("nan")},
+    "exp-huge": {"exp": 10**400},
+    "exp-beyond-2-to-the-53": {"exp": 2**53 + 1},
+    "nbf-string": {"nbf": "0"},
+    "nbf-true": {"nbf": True},
+    "nbf-infinity": {"nbf": float("-inf")},
+    "iat-string": {"iat": "yesterday"},
+    "iat-false": {"iat": False},
+    "iat-object": {"iat": {}},
+    "sub-256-characters": {"sub": "u" * 256},
+    "sub-5000-characters": {"sub": "u" * 5000},
+    "sub-object": {"sub": {"id": "alice"}},
+    "sub-list": {"sub": ["alice"]},
+    "sub-true": {"sub": True},
+    "sub-unpaired-surrogate": {"sub": "ali\ud800ce"},
+}
+
+
+def signed_claims(kind: str, claims: dict) -> str:
+    """A token whose claims are exactly these (json.dumps writes Infinity and NaN as JavaScript would)."""
+    now = int(time.time())
+    payload = {"sub": "alice", "iat": now, "exp": now + 600, **claims}
+    if kind == "hs256":
+        return hand_signed({"alg": "HS256", "typ": "JWT"}, payload, hs256_signer(SECRET.encode()))
+    return hand_signed({"alg": "EdDSA", "kid": "ed-1"}, {**payload, "iss": ISSUER, "aud": ISSUER}, ED_KEY.sign)
+
+
+@pytest.mark.parametrize("kind", ["hs256", "jwks"])
+@pytest.mark.parametrize("name", HOSTILE_CLAIMS)
+async def test_hostile_claim_values_are_401_not_500(client, kind, name):
+    response = await client.post(
+        "/api/tasks", json={"title": "t"}, headers=bearer(signed_claims(kind, HOSTILE_CLAIMS[name]))
+    )
+    assert response.status_code == 401, response.text
+    assert response.json() == {"detail": INVALID}
+    assert await client.database.fetch("SELECT id FROM users") == []
+
+
+@pytest.mark.parametrize("kind", ["hs256", "jwks"])
+@pytest.mark.parametrize(
+    "claims", [{"sub": "u" * 255}, {"exp": 2**53}, {"iat": 1.5, "nbf": 0}], ids=["sub-255", "exp-far", "floats"]
+)
+async def test_claims_at_their_limits_are_accepted(client, kind, claims):
+    response = await client.post("/api/tasks", json={"title": "t"}, headers=bearer(signed_claims(kind, claims)))
+    assert response.status_code == 201, response.text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Query strings of any length: a 422, never a 500
+
+
+@pytest.mark.parametrize("name", ["limit", "offset"])
+@pytest.mark.parametrize("digits", [20, 4301, 60_000])  # httpx sends at most 64 KiB of query
+async def test_a_huge_integer_in_the_query_is_422(client, name, digits):
+    response = await client.get("/api/tasks", params={name: "1" * digits}, headers=auth())
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", name]
+
+
+LIST_PARAMETERS = ["completed", "status", "q", "sort", "order", "limit", "offset"]
+
+
+@hypothesis.settings(
+    max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(hypothesis.HealthCheck)
+)
+@hypothesis.given(
+    params=hypothesis.strategies.lists(
+        hypothesis.strategies.tuples(
+            hypothesis.strategies.sampled_from(LIST_PARAMETERS),
+            hypothesis.strategies.one_of(
+                hypothesis.strategies.text(max_size=50),
+                hypothesis.strategies.integers(min_value=-(10**30), max_value=10**30).map(str),
+                hypothesis.strategies.integers(min_value=0, max_value=15_000).map(lambda n: "9" * n),
+                hypothesis.strategies.integers(min_value=0, max_value=15_000).map(lambda n: "x" * n),
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_fuzzed_list_queries_of_any_length_are_answered_200_or_422(params, sqlite_app):
+    response = sqlite_app.get("/api/tasks", params=params, headers=auth())
+    assert response.status_code in (200, 422), response.text
+
+
+@pytest.fixture(scope="module")
+def sqlite_app(tmp_path_factory):
+    """A started app on SQLite for hypothesis' examples, which a function-scoped fixture cannot serve."""
+    import warnings
+
+    with warnings.catch_warnings():  # Starlette would rather have httpx2; httpx works
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    app = service.create_app(f"sqlite:///{tmp_path_factory.mktemp('fuzz')}/tasks.db", service.TokenVerifier(SECRET))
+    with TestClient(app) as http:
+        yield http
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resource limits: SQLite connections, the task cap, concurrency and keep-alive, CORS on every error
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+async def test_sqlite_uses_one_connection_however_many_requests_arrive(client):
+    before, most = threading.active_count(), 0
+
+    async def watch():
+        nonlocal most
+        while True:
+            most = max(most, threading.active_count())
+            await anyio.sleep(0.001)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(watch)
+        responses = await concurrently(*[lambda: client.get("/health") for _ in range(300)])
+        group.cancel_scope.cancel()
+    assert [r.status_code for r in responses] == [200] * 300
+    assert most == before  # the one connection's thread was there already
+
+
+async def test_a_create_beyond_the_task_cap_is_409_and_writes_nothing(client, family):
+    client.app.state.max_tasks_per_user = 3
+    kept = [await create(client, family=family, title=f"t{i}") for i in range(3)]
+    response = await client.post(family.tasks("alice"), json={"title": "one too many"}, headers=auth())
+    assert response.status_code == 409
+    assert response.json() == {"detail": "Task limit reached"}
+    assert await task_rows(client, "alice") == sorted(kept, key=lambda t: t["id"])
+    assert (await client.get(family.tasks("bob"), headers=auth("bob"))).status_code == 200
+    assert (await create(client, "bob", family=family))["user_id"] == "bob"  # the cap is per user
+    await client.delete(family.task("alice", kept[0]["id"]), headers=auth())
+    assert (await create(client, family=family))["title"] == "A task"  # room again
+
+
+async def test_the_task_cap_is_exact_under_concurrent_creates(client):
+    client.app.state.max_tasks_per_user = 10
+    responses = await concurrently(
+        *[lambda i=i: client.post("/api/tasks", json={"title": f"t{i}"}, headers=auth()) for i in range(30)]
+    )
+    assert sorted(r.status_code for r in responses) == [201] * 10 + [409] * 20
+    assert len(await task_rows(client, "alice")) == 10
+    assert (await client.database.fetch("SELECT task_count FROM users WHERE id = 'alice'"))[0][0] == 10
+
+
+ALLOWED_ORIGIN = {"Origin": "http://localhost:3000"}
+
+
+@pytest.mark.parametrize("name", ["500-error", "503-outage", "401-token", "404-task"])
+async def test_an_allowed_origin_can_read_every_error(client, monkeypatch, name):
+    if name == "500-error":
+        monkeypatch.setattr(client.database, "connection", None)  # calling None: a TypeError
+    elif name == "503-outage":
+        await outage(client, monkeypatch)
+    headers = ALLOWED_ORIGIN if name == "401-token" else {**auth(), **ALLOWED_ORIGIN}
+    path = f"/api/tasks/{uuid.uuid4()}" if name == "404-task" else "/api/tasks"
+    response = await client.get(path, headers=headers)
+    assert str(response.status_code) == name[:3]
+    assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert response.headers["access-control-allow-credentials"] == "true"
+    other = await client.get(path, headers={**headers, "Origin": "https://evil.example"})
+    assert not [name for name in other.headers if name.startswith("access-control-")]
+
+
+async def test_credentials_are_allowed_for_the_frontend_origin_only(client):
+    allowed = await client.get("/api/tasks", headers={**auth(), **ALLOWED_ORIGIN})
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:3000"  # never "*"
+    preflight = await client.options(
+        "/api/tasks",
+        headers={
+            **ALLOWED_ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert preflight.headers["access-control-allow-credentials"] == "true"
+    other = await client.get("/api/tasks", headers={**auth(), "Origin": "https://evil.example"})
+    assert not [name for name in other.headers if name.startswith("access-control-")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1145,7 +1448,7 @@ async def test_forbidden_comes_before_any_database_work(client, monkeypatch):
     def untouchable(*args, **kwargs):
         raise AssertionError("the database was touched")
 
-    for method in ("connection", "transaction", "fetch_all", "fetch_one", "fetch_val", "execute"):
+    for method in ("connection", "transaction", "fetch"):
         monkeypatch.setattr(client.database, method, untouchable)
     path_scoped = [(m, p) for m, p in api_operations(client.app) if p.startswith("/api/{user_id}/")]
     assert len(path_scoped) == 8
@@ -1184,7 +1487,9 @@ async def test_lists_show_only_the_callers_tasks(client, family):
 
 
 async def test_every_statement_on_tasks_is_scoped_by_user_id():
-    """Reads service.py: SQL runs only from named constants, and each one on `tasks` names its user."""
+    """Reads service.py: SQL runs only from named constants, and each one on `tasks` names its user
+    wherever it names the table: a read or change has `user_id = :user_id` in the WHERE that
+    follows, an insert binds :user_id."""
     tree = ast.parse((HERE / "service.py").read_text())
     database_calls = [
         node
@@ -1192,14 +1497,15 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
         if isinstance(node, ast.Call)
         and (
             isinstance(node.func, ast.Attribute)
-            and node.func.attr in ("execute", "fetch_one", "fetch_all", "fetch_val", "iterate")
+            and node.func.attr == "fetch"
+            and ast.unparse(node.func.value).endswith("database")
             or isinstance(node.func, ast.Name)
             and node.func.id == "run"
         )
     ]
     assert len(database_calls) >= 10
     for call in database_calls:
-        statement = call.args[1] if isinstance(call.func, ast.Name) else call.args[0]
+        statement = call.args[0]
         assert not isinstance(statement, (ast.JoinedStr, ast.BinOp)), ast.unparse(call)
         if isinstance(statement, ast.Constant):
             assert "tasks" not in statement.value, ast.unparse(call)
@@ -1210,14 +1516,16 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
             if isinstance(text, str) and re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\b", text):
                 statements.append(" ".join(text.split()))
     on_tasks = [s for s in statements if re.search(r"\b(FROM|INTO|UPDATE) tasks\b", s)]
-    assert len(on_tasks) >= 18  # lists (2 x 6 sort orders), count, insert, select, update, toggle, set, delete
+    assert len(on_tasks) >= 18  # lists (2 x 6 sort orders), count, inserts, select, updates, deletes
     for statement in on_tasks:
-        if statement.startswith("INSERT"):
-            assert ":user_id" in statement, statement
-        else:  # the WHERE that follows the tasks table
-            assert re.search(
-                r"\b(FROM|UPDATE) tasks( SET .*?)? WHERE (id = :id AND )?user_id = :user_id\b", statement
-            ), statement
+        for use in re.finditer(r"\b(FROM|INTO|UPDATE) tasks\b", statement):
+            if use.group(1) == "INTO":
+                assert ":user_id" in statement, statement
+            else:  # the WHERE that follows the tasks table
+                rest = statement[use.start() :]
+                assert re.match(r"(FROM|UPDATE) tasks( SET .*?)? WHERE (id = :id AND )?user_id = :user_id\b", rest), (
+                    rest
+                )
 
 
 @pytest.mark.parametrize(
@@ -1232,8 +1540,7 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
     ids=["repeated", "cast", "literals", "time-format", "no-spaces"],
 )
 def test_named_parameters_become_numbered_ones_for_asyncpg(sql, expected, names):
-    assert service.driver_sql(sql, "postgresql") == (expected, names)
-    assert service.driver_sql(sql, "sqlite") == (sql, ())  # sqlite3 binds :name itself
+    assert service.driver_sql(sql) == (expected, names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1324,7 +1631,7 @@ async def test_list_default_order_is_newest_first(client):
 async def test_paging_never_repeats_or_skips_even_with_ties(client, order):
     await seed(client, [(f"same title {i % 3}", False) for i in range(11)])
     # Give several tasks the same created_at, so only the id can order them.
-    await client.database.execute(
+    await client.database.fetch(
         "UPDATE tasks SET created_at = '2026-01-01T00:00:00.000000Z' WHERE user_id = 'alice' AND title = 'same title 0'"
     )
     everything, total = await listing(client, sort="created_at", order=order, limit=1000)
@@ -1394,7 +1701,7 @@ async def test_list_rejects_invalid_query_parameters_with_422(client, family, pa
 async def test_data_survives_a_restart_of_the_app(make_app):
     first = make_app()
     async with first.router.lifespan_context(first):
-        await first.state.database.execute("DELETE FROM users")
+        await first.state.database.fetch("DELETE FROM users")
         async with asgi_client(first) as http:
             task = (await http.post("/api/tasks", json={"title": "durable"}, headers=auth())).json()["data"]
     second = make_app()
@@ -1406,7 +1713,7 @@ async def test_data_survives_a_restart_of_the_app(make_app):
 async def test_deleting_a_user_deletes_their_tasks(client):
     await create(client, "alice")
     bob_task = await create(client, "bob")
-    await client.database.execute("DELETE FROM users WHERE id = 'alice'")
+    await client.database.fetch("DELETE FROM users WHERE id = 'alice'")
     assert await task_rows(client, "alice") == []
     assert await task_rows(client, "bob") == [bob_task]
 
@@ -1418,7 +1725,7 @@ async def test_deleting_a_user_deletes_their_tasks(client):
 async def test_the_schema_rejects_what_validation_rejects(client, column, value):
     task = await create(client)
     with pytest.raises((sqlite3.IntegrityError, asyncpg.CheckViolationError)):
-        await client.database.execute(
+        await client.database.fetch(
             f"UPDATE tasks SET {column} = :value WHERE id = :id", {"value": value, "id": task["id"]}
         )
     assert await task_rows(client, "alice") == [task]
@@ -1462,6 +1769,7 @@ async def test_cors_exposes_location_and_total_count(client):
 # The command line: start-up refusal and the token helper
 
 
+EXAMPLE_SECRET = re.search(r"^BETTER_AUTH_SECRET=(.*)$", (HERE / ".env.example").read_text(), re.M).group(1)
 AUTH_VARIABLES = ("BETTER_AUTH_SECRET", "BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE", "DATABASE_URL")
 
 
@@ -1480,14 +1788,63 @@ def run_python(args: list, env_extra: dict, cwd) -> subprocess.CompletedProcess:
         ({"BETTER_AUTH_SECRET": "too-short"}, "BETTER_AUTH_SECRET"),
         ({"JWKS_URL": "http://127.0.0.1:9/jwks"}, "JWT_ISSUER"),
         ({"JWKS_URL": "file:///etc/passwd", "JWT_ISSUER": "*", "JWT_AUDIENCE": "*"}, "JWKS_URL"),
+        ({"BETTER_AUTH_URL": "http://auth.example"}, "JWKS_URL"),
+        ({"BETTER_AUTH_SECRET": "dev-only-secret-change-me-0123456789abcdef"}, "BETTER_AUTH_SECRET"),
+        ({"BETTER_AUTH_SECRET": EXAMPLE_SECRET}, "BETTER_AUTH_SECRET"),
+        ({"BETTER_AUTH_SECRET": SECRET, "MAX_TASKS_PER_USER": "0"}, "MAX_TASKS_PER_USER"),
     ],
-    ids=["nothing", "empty-secret", "short-secret", "jwks-without-issuer", "jwks-not-http"],
+    ids=[
+        "nothing",
+        "empty-secret",
+        "short-secret",
+        "jwks-without-issuer",
+        "jwks-not-http",
+        "jwks-plain-http",
+        "first-published-secret",
+        "env-example-secret",
+        "no-room-for-tasks",
+    ],
 )
 def test_service_refuses_to_start_without_usable_auth_settings(tmp_path, settings, named):
-    result = run_python([str(HERE / "service.py")], settings, cwd=tmp_path)
+    result = run_python([str(HERE / "service.py"), "--host", "0.0.0.0"], settings, cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and named in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url", ["http://localhost:3000", "http://127.0.0.1:3000", "http://[::1]:3000", "https://auth.example"]
+)
+def test_jwks_over_plain_http_is_for_this_machine_only(tmp_path, url):
+    script = "import service; print(service.settings_problem())"
+    result = run_python(["-c", script], {"PYTHONPATH": str(HERE), "BETTER_AUTH_URL": url}, cwd=tmp_path)
+    assert result.stdout.strip() == "None", result.stdout
+
+
+async def test_the_first_local_run_writes_a_random_secret_to_env_and_serves(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES} | {"PORT": str(port)}
+    with open(tmp_path / "out.log", "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(HERE / "service.py")], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        with anyio.fail_after(30):
+            while not (tmp_path / "out.log").read_text().count("Application startup complete"):
+                assert process.poll() is None, (tmp_path / "out.log").read_text()
+                await anyio.sleep(0.1)
+        secret = re.search(r"^BETTER_AUTH_SECRET=(\S+)$", (tmp_path / ".env").read_text(), re.M).group(1)
+        assert len(secret) >= 43 and secret not in service.PUBLISHED_SECRETS
+        assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
+        log = (tmp_path / "out.log").read_text()
+        assert "accepting tokens: HS256 signed with BETTER_AUTH_SECRET" in log and secret not in log
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/api/tasks", headers=bearer(make_token(secret=secret)))).status_code == 200
+            forged = bearer(make_token(secret=EXAMPLE_SECRET))
+            assert (await http.get("/api/tasks", headers=forged)).status_code == 401
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.mark.parametrize(
@@ -1713,7 +2070,7 @@ async def test_an_outage_is_503_and_the_service_recovers_by_itself(database, ver
     await proxy.restore()
     app = service.create_app(through(proxy, database.url), verifier, database.pooled)
     async with app.router.lifespan_context(app), asgi_client(app) as http:
-        await app.state.database.execute("DELETE FROM users")
+        await app.state.database.fetch("DELETE FROM users")
         acknowledged = []
         for i in range(10):
             response = await http.post("/api/tasks", json={"title": f"before {i}"}, headers=auth())
@@ -1780,7 +2137,7 @@ async def concurrently(*calls):
 
 async def task_counts(client) -> dict:
     """Each user's kept task_count beside the real number of their tasks."""
-    rows = await client.database.fetch_all(
+    rows = await client.database.fetch(
         "SELECT id, task_count, (SELECT COUNT(*) FROM tasks WHERE user_id = users.id) AS real FROM users"
     )
     return {row["id"]: (row["task_count"], row["real"]) for row in rows}
@@ -1806,8 +2163,8 @@ async def test_200_concurrent_creates_by_two_users_keep_every_row_and_owner(clie
     for user in ("alice", "bob"):
         rows = await task_rows(client, user)
         assert sorted(row["title"] for row in rows) == sorted(f"{user} {i}" for i in range(100))
-    assert await client.database.fetch_val("SELECT COUNT(*) FROM tasks") == 200
-    assert await client.database.fetch_val("SELECT COUNT(*) FROM users") == 2
+    assert (await client.database.fetch("SELECT COUNT(*) FROM tasks"))[0][0] == 200
+    assert (await client.database.fetch("SELECT COUNT(*) FROM users"))[0][0] == 2
     assert await task_counts(client) == {"alice": (100, 100), "bob": (100, 100)}
 
 
@@ -1837,7 +2194,7 @@ PROCFILE_COMMAND = (HERE / "Procfile").read_text().partition("web:")[2].strip()
 class ServiceProcess:
     """The service in its own process, started with the Procfile's command; it logs to `log`."""
 
-    def __init__(self, database: Target, directory: Path):
+    def __init__(self, database: Target, directory: Path, **settings: str):
         self.port = free_port()
         self.log = directory / f"service-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
@@ -1846,6 +2203,7 @@ class ServiceProcess:
             DATABASE_POOLED=str(database.pooled).lower(),
             BETTER_AUTH_SECRET=SECRET,
             PORT=str(self.port),
+            **settings,
         )
         command = shlex.split(PROCFILE_COMMAND)
         assert command[:2] == ["python", "service.py"]
@@ -1881,9 +2239,36 @@ async def empty_database(database, tmp_path):
     db = service.open_database(database.url, database.pooled)
     await db.connect()
     await service.apply_schema(db)
-    await db.execute("DELETE FROM users")
+    await db.fetch("DELETE FROM users")
     await db.disconnect()
     return database
+
+
+def read_one_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+        data += sock.recv(4096)
+    return data
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_connections_beyond_the_limit_get_503_and_idle_ones_are_closed(database, tmp_path):
+    process = ServiceProcess(database, tmp_path, LIMIT_CONCURRENCY="4")
+    process.serving()
+    try:
+        held = [socket.create_connection(("127.0.0.1", process.port)) for _ in range(4)]
+        time.sleep(0.2)  # let the server accept them
+        assert httpx.get(f"{process.url}/health").status_code == 503
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{process.url}/health").status_code == 200
+        with socket.create_connection(("127.0.0.1", process.port), timeout=15) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: service\r\n\r\n")
+            assert read_one_response(sock).startswith(b"HTTP/1.1 200")
+            assert sock.recv(1) == b""  # closed by the server after 5 idle seconds, not by the timeout
+    finally:
+        assert process.stop()
 
 
 @pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
