@@ -12,6 +12,7 @@ Try it:      python service.py token alice  (prints a one-hour token for user "a
 
 import argparse
 import asyncio
+import calendar
 import functools
 import hashlib
 import ipaddress
@@ -27,7 +28,8 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import time as dt_time
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
@@ -107,6 +109,11 @@ DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
 MAX_BODY_BYTES = 64 * 1024
 TITLE_MAX, DESCRIPTION_MAX = 200, 1000
+MAX_TAGS, TAG_MAX = 20, 40
+PRIORITIES = {"low": 1, "medium": 2, "high": 3}  # stored as the rank, so that it sorts as it reads
+PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
+RECURRENCES = ("daily", "weekly", "monthly")
+MOMENT_YEAR_MAX = 9998  # so that the next occurrence of a recurring task is still a 4-digit year
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
 SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit on both databases
 MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))  # checked before int(), which refuses 4,300+ digits
@@ -245,17 +252,60 @@ def open_database(url: str, pooled: bool = DATABASE_POOLED) -> PostgreSQL | SQLi
 
 
 SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
+SCHEMA_STEP = re.compile(r"^-- step (\d+):.*$", re.MULTILINE)
+
+# A database made before schema_version existed tells its release by its columns.
+TABLE_COLUMNS = {
+    "postgresql": """
+        SELECT column_name AS name FROM information_schema.columns
+        WHERE table_schema = current_schema() AND CAST(table_name AS TEXT) = :table
+    """,
+    "sqlite": "SELECT name FROM pragma_table_info(:table)",
+}
+
+
+class SchemaTooNew(RuntimeError):
+    pass
+
+
+def schema_steps() -> list[list[str]]:
+    """schema.sql's steps, in order, each a list of statements."""
+    bodies = SCHEMA_STEP.split(SCHEMA_PATH.read_text())[2::2]
+    return [
+        [statement for statement in body.split(";") if re.search(r"^\s*[A-Z]", statement, re.MULTILINE)]
+        for body in bodies
+    ]
 
 
 async def apply_schema(database: PostgreSQL | SQLite) -> None:
+    """Run the steps of schema.sql this database has not had, all in one transaction. On SQLite the
+    transaction's write lock, on PostgreSQL an advisory lock, make instances that start together on
+    one database take turns: the first upgrades it, the others find nothing left to do."""
+    steps = schema_steps()
     async with database.transaction() as run:
         if database.dialect == "postgresql":
-            # Instances starting together on an empty database would otherwise race in CREATE TABLE
-            # IF NOT EXISTS. A transaction-level lock also works through PgBouncer's transaction mode.
+            # A transaction-level lock: it also works through PgBouncer's transaction mode.
             await run("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
-        for statement in SCHEMA_PATH.read_text().split(";"):
-            if statement.strip():
-                await run(statement, None)
+        await run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", None)
+        rows = await run("SELECT version FROM schema_version", None)
+        version = rows[0]["version"] if rows else await version_before_schema_version(run, database.dialect)
+        if version > len(steps):
+            raise SchemaTooNew(
+                f"the database's schema is at step {version}, newer than this service's {len(steps)}: "
+                "run the release that made it, or a newer one"
+            )
+        for statement in (statement for step in steps[version:] for statement in step):
+            await run(statement, None)
+        if not rows:
+            await run("INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)})
+        elif version < len(steps):
+            await run("UPDATE schema_version SET version = :version", {"version": len(steps)})
+
+
+async def version_before_schema_version(run, dialect: str) -> int:
+    """0 for an empty database; 1 for the first release's (no task_count); 2 for the second's."""
+    columns = {row["name"] for row in await run(TABLE_COLUMNS[dialect], {"table": "users"})}
+    return 0 if not columns else 2 if "task_count" in columns else 1
 
 
 SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
@@ -281,7 +331,7 @@ def driver_sql(sql: str) -> tuple[str, tuple[str, ...]]:
 
 def utc_now() -> str:
     """The one timestamp format stored and served (see schema.sql)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp(datetime.now(UTC))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,9 +592,13 @@ def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=
 
 
 # ---------------------------------------------------------------------------------------------------
-# SQL. Every statement that reads or changes a task has `user_id = :user_id` in its WHERE clause.
+# SQL. Every statement that reads or changes a task has `user_id = :user_id` in its WHERE clause,
+# and so does every statement on task_tags (each tag row carries its task's user).
 
-TASK_COLUMNS = "id, user_id, title, description, completed, created_at, updated_at"
+TASK_COLUMNS = (
+    "id, user_id, title, description, completed, priority, tags, due_date, remind_at, recurrence, "
+    "next_occurrence_id, created_at, updated_at"
+)
 
 # A user's row is made with their first task. Its task_count changes in the same statement (on
 # SQLite, the same transaction) as every insert and delete of a task, so an unfiltered list's total is
@@ -563,20 +617,35 @@ UNCOUNT_DELETED_TASK = "UPDATE users SET task_count = task_count - 1 WHERE id = 
 USER_TASK_COUNT = "SELECT task_count AS total FROM users WHERE id = :user_id"
 
 INSERT_TASK = f"""
-    INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at)
-    VALUES (:id, :user_id, :title, :description, :completed, :now, :now)
+    INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at, remind_at,
+                       recurrence, created_at, updated_at)
+    VALUES (:id, :user_id, :title, :description, :completed, :priority, :tags, :due_date, :due_at, :remind_at,
+            :recurrence, :now, :now)
     RETURNING {TASK_COLUMNS}
 """
 
-# PostgreSQL does both in one statement (SQLite has no INSERT inside WITH: it runs the two above in
-# a transaction). The task is inserted only if the user's count went up.
+INSERT_TASK_TAG = "INSERT INTO task_tags (task_id, user_id, tag) VALUES (:id, :user_id, :tag)"
+
+# PostgreSQL does it all in one statement (SQLite has no INSERT inside WITH: it runs the statements
+# above in a transaction). The task is inserted only if the user's count went up, its tags only if
+# the task was.
 CREATE_TASK = f"""
-    WITH counted AS ({COUNT_NEW_TASK})
-    INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at)
-    SELECT CAST(:id AS TEXT), CAST(:user_id AS TEXT), CAST(:title AS TEXT), CAST(:description AS TEXT),
-           CAST(:completed AS BOOLEAN), CAST(:now AS TEXT), CAST(:now AS TEXT)
-    FROM counted
-    RETURNING {TASK_COLUMNS}
+    WITH counted AS ({COUNT_NEW_TASK}),
+    created AS (
+        INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at,
+                           remind_at, recurrence, created_at, updated_at)
+        SELECT CAST(:id AS TEXT), CAST(:user_id AS TEXT), CAST(:title AS TEXT), CAST(:description AS TEXT),
+               CAST(:completed AS BOOLEAN), CAST(:priority AS INTEGER), CAST(:tags AS TEXT),
+               CAST(:due_date AS TEXT), CAST(:due_at AS TEXT), CAST(:remind_at AS TEXT),
+               CAST(:recurrence AS TEXT), CAST(:now AS TEXT), CAST(:now AS TEXT)
+        FROM counted
+        RETURNING {TASK_COLUMNS}
+    ),
+    tagged AS (
+        INSERT INTO task_tags (task_id, user_id, tag)
+        SELECT created.id, :user_id, key FROM created, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+    )
+    SELECT {TASK_COLUMNS} FROM created
 """
 
 SELECT_TASK = f"""
@@ -584,27 +653,123 @@ SELECT_TASK = f"""
     WHERE id = :id AND user_id = :user_id
 """
 
-# A field is changed only when its set_ flag is true, so one fixed statement serves every PATCH.
-UPDATE_TASK = f"""
-    UPDATE tasks SET
-        title = CASE WHEN :set_title THEN :title ELSE title END,
-        description = CASE WHEN :set_description THEN :description ELSE description END,
-        completed = CASE WHEN :set_completed THEN :completed ELSE completed END,
-        updated_at = :now
+# SQLite's change of a task: it reads the task (the transaction holds the one connection), works out
+# the change in Python (changed_task), and writes every column.
+SELECT_TASK_TO_CHANGE = f"""
+    SELECT {TASK_COLUMNS}, due_at FROM tasks
+    WHERE id = :id AND user_id = :user_id
+"""
+
+WRITE_TASK = f"""
+    UPDATE tasks SET title = :title, description = :description, completed = :completed, priority = :priority,
+        tags = :tags, due_date = :due_date, due_at = :due_at, remind_at = :remind_at, recurrence = :recurrence,
+        next_occurrence_id = :next_occurrence_id, updated_at = :now
     WHERE id = :id AND user_id = :user_id
     RETURNING {TASK_COLUMNS}
 """
 
-TOGGLE_TASK = f"""
-    UPDATE tasks SET completed = NOT completed, updated_at = :now
-    WHERE id = :id AND user_id = :user_id
-    RETURNING {TASK_COLUMNS}
+DELETE_TASK_TAGS = "DELETE FROM task_tags WHERE task_id = :id AND user_id = :user_id"
+
+COPY_TASK_TAGS = """
+    INSERT INTO task_tags (task_id, user_id, tag)
+    SELECT :successor_id, user_id, tag FROM task_tags WHERE task_id = :id AND user_id = :user_id
 """
 
-SET_TASK_COMPLETED = f"""
-    UPDATE tasks SET completed = :completed, updated_at = :now
-    WHERE id = :id AND user_id = :user_id
-    RETURNING {TASK_COLUMNS}
+# PostgreSQL's change of a task, in one statement: PUT, PATCH, /complete and /toggle alike. A field
+# changes only when its set_ flag is true (:flip turns completed over). `plan` works out the new row
+# and what the change does: `refused` says why it cannot be made (then nothing is written), `recurs`
+# that it completes a recurring task, which then gets its successor one period later, with the same
+# tags, in the same statement. The task and the user's row are locked (FOR UPDATE), so concurrent
+# completions of one task see each other, and the cap holds.
+CHANGE_TASK = f"""
+    WITH old AS (
+        SELECT * FROM tasks WHERE id = :id AND user_id = :user_id FOR UPDATE
+    ),
+    new AS (
+        SELECT
+            CASE WHEN :set_title THEN CAST(:title AS TEXT) ELSE title END AS new_title,
+            CASE WHEN :set_description THEN CAST(:description AS TEXT) ELSE description END AS new_description,
+            CASE WHEN :flip THEN NOT completed WHEN :set_completed THEN CAST(:completed AS BOOLEAN)
+                 ELSE completed END AS new_completed,
+            CASE WHEN :set_priority THEN CAST(:priority AS INTEGER) ELSE priority END AS new_priority,
+            CASE WHEN :set_tags THEN CAST(:tags AS TEXT) ELSE tags END AS new_tags,
+            CASE WHEN :set_due_date THEN CAST(:due_date AS TEXT) ELSE due_date END AS new_due_date,
+            CASE WHEN :set_due_date THEN CAST(:due_at AS TEXT) ELSE due_at END AS new_due_at,
+            CASE WHEN :set_remind_at THEN CAST(:remind_at AS TEXT) ELSE remind_at END AS new_remind_at,
+            CASE WHEN :set_recurrence THEN CAST(:recurrence AS TEXT) ELSE recurrence END AS new_recurrence,
+            completed AS was_completed, next_occurrence_id AS old_next_occurrence_id
+        FROM old
+    ),
+    plan AS (
+        SELECT new.*,
+            new_recurrence IS NOT NULL AND new_due_date IS NULL AS lacks_due_date,
+            NOT was_completed AND new_completed AND new_recurrence IS NOT NULL AND new_due_date IS NOT NULL
+                AND old_next_occurrence_id IS NULL AS recurs
+        FROM new
+    ),
+    owner AS (
+        SELECT task_count FROM users
+        WHERE id = :user_id AND EXISTS (SELECT 1 FROM plan WHERE recurs)
+        FOR UPDATE
+    ),
+    verdict AS (
+        SELECT plan.*,
+            CASE WHEN lacks_due_date THEN 'recurrence'
+                 WHEN recurs AND (SELECT task_count FROM owner) >= :max_tasks THEN 'limit' END AS refused
+        FROM plan
+    ),
+    changed AS (
+        UPDATE tasks SET title = new_title, description = new_description, completed = new_completed,
+            priority = new_priority, tags = new_tags, due_date = new_due_date, due_at = new_due_at,
+            remind_at = new_remind_at, recurrence = new_recurrence,
+            next_occurrence_id = CASE WHEN recurs THEN CAST(:successor_id AS TEXT) ELSE next_occurrence_id END,
+            updated_at = :now
+        FROM verdict
+        WHERE id = :id AND user_id = :user_id AND refused IS NULL
+        RETURNING {TASK_COLUMNS}, due_at, recurs
+    ),
+    retagged AS (
+        INSERT INTO task_tags (task_id, user_id, tag)
+        SELECT :id, :user_id, key FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        WHERE :set_tags AND EXISTS (SELECT 1 FROM changed)
+        ON CONFLICT DO NOTHING
+    ),
+    untagged AS (
+        DELETE FROM task_tags
+        WHERE task_id = :id AND user_id = :user_id AND :set_tags AND EXISTS (SELECT 1 FROM changed)
+          AND tag NOT IN (SELECT jsonb_array_elements_text(CAST(:tag_keys AS jsonb)))
+    ),
+    counted AS (
+        UPDATE users SET task_count = task_count + 1
+        WHERE id = :user_id AND EXISTS (SELECT 1 FROM changed WHERE recurs)
+    ),
+    next AS (
+        SELECT changed.*, CAST(due_at AS timestamp) AS due, CAST(due_at AS timestamp) + CASE recurrence
+            WHEN 'daily' THEN interval '1 day' WHEN 'weekly' THEN interval '7 days' ELSE interval '1 month'
+        END AS next_due
+        FROM changed WHERE recurs
+    ),
+    successor AS (
+        INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at, remind_at,
+                           recurrence, created_at, updated_at)
+        SELECT :successor_id, :user_id, title, description, FALSE, priority, tags,
+            CASE WHEN length(due_date) = 10 THEN to_char(next_due, 'YYYY-MM-DD')
+                 ELSE to_char(next_due, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END,
+            to_char(next_due, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+            to_char(CAST(remind_at AS timestamp) + (next_due - due), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+            recurrence, :now, :now
+        FROM next
+        RETURNING id
+    ),
+    successor_tagged AS (
+        INSERT INTO task_tags (task_id, user_id, tag)
+        SELECT :successor_id, :user_id, key FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        WHERE :set_tags AND EXISTS (SELECT 1 FROM successor)
+        UNION ALL
+        SELECT :successor_id, :user_id, tag FROM task_tags
+        WHERE task_id = :id AND user_id = :user_id AND NOT :set_tags AND EXISTS (SELECT 1 FROM successor)
+    )
+    SELECT verdict.refused, changed.* FROM verdict LEFT JOIN changed ON TRUE
 """
 
 DELETE_TASK = """
@@ -613,7 +778,8 @@ DELETE_TASK = """
     RETURNING id
 """
 
-# PostgreSQL: the delete and the count's change in one statement; SQLite runs the two above.
+# PostgreSQL: the delete and the count's change in one statement; SQLite runs the two statements.
+# The task's tags go with it (ON DELETE CASCADE).
 DELETE_AND_UNCOUNT_TASK = f"""
     WITH deleted AS ({DELETE_TASK}),
     uncounted AS (
@@ -623,46 +789,80 @@ DELETE_AND_UNCOUNT_TASK = f"""
     SELECT id FROM deleted
 """
 
-# A NULL parameter switches its filter off. The CASTs give PostgreSQL the parameter's type, which
-# `:x IS NULL` alone does not; SQLite accepts them unchanged.
+# Each filter is off when its parameter is NULL. The CASTs give PostgreSQL the parameter's type,
+# which `:x IS NULL` alone does not; SQLite accepts them unchanged. The instants compared are
+# due_at and remind_at, in the fixed timestamp format, so text comparison is time order.
 LIST_FILTER = """
-    WHERE user_id = :user_id
       AND (CAST(:completed AS BOOLEAN) IS NULL OR completed = :completed)
       AND (CAST(:pattern AS TEXT) IS NULL
            OR lower(title) LIKE :pattern ESCAPE '!'
            OR lower(description) LIKE :pattern ESCAPE '!')
-"""
+      AND priority IN (:priority_1, :priority_2, :priority_3)
+      AND (CAST(:due_before AS TEXT) IS NULL OR due_at < :due_before)
+      AND (CAST(:due_after AS TEXT) IS NULL OR due_at > :due_after)
+      AND (CAST(:overdue AS BOOLEAN) IS NULL
+           OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
+      AND (CAST(:reminder_due AS BOOLEAN) IS NULL
+           OR (COALESCE(remind_at <= :now, FALSE) AND NOT completed) = :reminder_due)
+""" + "".join(
+    # Tags after the first (which drives LIST_TAGGED_TASKS): every one must be there.
+    f"      AND (CAST(:tag_{n} AS TEXT) IS NULL\n"
+    f"           OR id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_{n}))\n"
+    for n in range(2, MAX_TAGS + 1)
+)
 
-SORT_COLUMNS = {"created_at": "created_at", "updated_at": "updated_at", "title": "title"}
+# How each sort orders, from fixed text (never from the request); ties are broken by id, so paging
+# never repeats or skips. Tasks without a due date come last in either order.
+SORTS = {
+    "created_at": "created_at {0}, id {0}",
+    "updated_at": "updated_at {0}, id {0}",
+    "title": "title {0}, id {0}",
+    "priority": "priority {0}, id {0}",
+    "due_date": "(due_at IS NULL), due_at {0}, id {0}",
+}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
-# One statement per (sort, order), built here from the fixed names above, never from request text;
-# ties are broken by id. With no filter the total is the user's task_count; with one, a window count
-# (one round trip, though it reads every match).
+# One statement per (sort, order) and kind of list. Unfiltered, the total is the user's task_count.
+# Filtered, a window count (one round trip, though it reads every match). With a tag, the list
+# starts from that tag's index entries, so it reads only the tasks that have it.
 LIST_ALL_TASKS = {
     (sort, order): f"""
         SELECT {TASK_COLUMNS}, (SELECT task_count FROM users WHERE id = :user_id) AS total_count FROM tasks
         WHERE user_id = :user_id
-        ORDER BY {column} {direction}, id {direction}
+        ORDER BY {sql.format(direction)}
         LIMIT :limit OFFSET :offset
     """
-    for sort, column in SORT_COLUMNS.items()
+    for sort, sql in SORTS.items()
     for order, direction in SORT_ORDERS.items()
 }
 
 LIST_MATCHING_TASKS = {
     (sort, order): f"""
         SELECT {TASK_COLUMNS}, COUNT(*) OVER () AS total_count FROM tasks
-        {LIST_FILTER}
-        ORDER BY {column} {direction}, id {direction}
+        WHERE user_id = :user_id {LIST_FILTER}
+        ORDER BY {sql.format(direction)}
         LIMIT :limit OFFSET :offset
     """
-    for sort, column in SORT_COLUMNS.items()
+    for sort, sql in SORTS.items()
+    for order, direction in SORT_ORDERS.items()
+}
+
+TAGGED = "id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1)"
+
+LIST_TAGGED_TASKS = {
+    (sort, order): f"""
+        SELECT {TASK_COLUMNS}, COUNT(*) OVER () AS total_count FROM tasks
+        WHERE user_id = :user_id AND {TAGGED} {LIST_FILTER}
+        ORDER BY {sql.format(direction)}
+        LIMIT :limit OFFSET :offset
+    """
+    for sort, sql in SORTS.items()
     for order, direction in SORT_ORDERS.items()
 }
 
 # Needed only when a page past the end comes back empty and so carries no total.
-COUNT_MATCHING_TASKS = f"SELECT COUNT(*) AS total FROM tasks {LIST_FILTER}"
+COUNT_MATCHING_TASKS = f"SELECT COUNT(*) AS total FROM tasks WHERE user_id = :user_id {LIST_FILTER}"
+COUNT_TAGGED_TASKS = f"SELECT COUNT(*) AS total FROM tasks WHERE user_id = :user_id AND {TAGGED} {LIST_FILTER}"
 
 # ---------------------------------------------------------------------------------------------------
 # Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
@@ -723,7 +923,9 @@ WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".j
 
 
 def parse_task_fields(body, partial: bool) -> dict:
-    """The fields of a create (all rules) or an update (only the fields given, at least one)."""
+    """The fields of a create (all rules, defaults for what is missing) or an update (only the
+    fields given, at least one), as the database stores them: priority as its rank, tags as JSON
+    (and tag_keys, their case-folded keys), due_date with due_at, the instant it stands for."""
     if not isinstance(body, dict):
         raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
     fields, errors = {}, []
@@ -742,11 +944,128 @@ def parse_task_fields(body, partial: bool) -> dict:
     if "completed" in body:
         errors += completed_errors(body["completed"])
         fields["completed"] = body["completed"]
+    if "priority" in body:
+        if not isinstance(body["priority"], str) or body["priority"] not in PRIORITIES:
+            errors.append((("body", "priority"), "Input should be 'low', 'medium' or 'high'", "enum"))
+        else:
+            fields["priority"] = PRIORITIES[body["priority"]]
+    if "tags" in body:
+        tags, tag_errors = parse_tags(body["tags"])
+        errors += tag_errors
+        fields["tags"], fields["tag_keys"] = json.dumps(tags), [tag.casefold() for tag in tags]
+    if "due_date" in body:
+        try:
+            fields["due_date"], fields["due_at"] = parse_moment(body["due_date"], date_means="end")
+        except ValueError as problem:
+            errors.append((("body", "due_date"), *problem.args))
+    if "remind_at" in body:
+        try:
+            fields["remind_at"] = parse_moment(body["remind_at"], date_means=None)[1]
+        except ValueError as problem:
+            errors.append((("body", "remind_at"), *problem.args))
+    if "recurrence" in body:
+        if body["recurrence"] is not None and body["recurrence"] not in RECURRENCES:
+            errors.append((("body", "recurrence"), "Input should be 'daily', 'weekly', 'monthly' or null", "enum"))
+        fields["recurrence"] = body["recurrence"]
+    if not partial and fields.get("recurrence") and not fields.get("due_date") and not errors:
+        errors.append(recurrence_needs_due_date())
     if partial and not fields and not errors:
-        errors.append((("body",), "At least one of title, description, completed is required", "missing"))
+        errors.append((("body",), f"At least one of {', '.join(TASK_FIELDS)} is required", "missing"))
     if errors:
         raise invalid(*errors)
+    if not partial:
+        fields = {**NEW_TASK_DEFAULTS, **fields}
     return fields
+
+
+TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
+NEW_TASK_DEFAULTS = {
+    "description": None,
+    "completed": False,
+    "priority": PRIORITIES["medium"],
+    "tags": "[]",
+    "tag_keys": [],
+    "due_date": None,
+    "due_at": None,
+    "remind_at": None,
+    "recurrence": None,
+}
+
+
+def recurrence_needs_due_date() -> tuple:
+    return (("body", "recurrence"), "A recurring task needs a due_date", "recurrence_without_due_date")
+
+
+def parse_tags(value) -> tuple[list[str], list]:
+    """Trimmed, 1 to TAG_MAX characters each, at most MAX_TAGS; tags that differ only in case are
+    one tag, spelled as it first came; order is kept."""
+    loc = ("body", "tags")
+    if not isinstance(value, list):
+        return [], [(loc, "Input should be a valid array of strings", "list_type")]
+    tags, keys, errors = [], set(), []
+    for index, tag in enumerate(value):
+        tag = tag.strip(WHITE_SPACE) if isinstance(tag, str) else tag
+        if problems := text_errors("tags", tag, TAG_MAX):
+            errors += [((*loc, index), msg, kind) for _, msg, kind in problems]
+        elif not tag:
+            errors.append(((*loc, index), "String should have at least 1 character", "string_too_short"))
+        elif tag.casefold() not in keys:
+            keys.add(tag.casefold())
+            tags.append(tag)
+    if len(tags) > MAX_TAGS:
+        errors.append((loc, f"At most {MAX_TAGS} tags (after merging those that differ only in case)", "too_long"))
+    return tags, errors
+
+
+DATE = re.compile(r"(\d{4})-(\d\d)-(\d\d)")
+DATE_TIME = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)?")
+
+
+def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
+    """(as served, the instant in the stored format) for null, a date "YYYY-MM-DD" (where
+    `date_means` allows one: "start" or "end" of that day, UTC) or an RFC 3339 date-time with Z or
+    an offset (served in UTC). A ValueError carries the 422's (msg, type)."""
+    if value is None:
+        return None, None
+    expected = "a date (YYYY-MM-DD) or an RFC 3339 date-time" if date_means else "an RFC 3339 date-time"
+    if not isinstance(value, str):
+        raise ValueError(f"Input should be {expected}", "datetime_type")
+    if date_means and DATE.fullmatch(value):
+        try:
+            day = date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
+        moment = datetime.combine(day, dt_time.max if date_means == "end" else dt_time.min)
+        return value, stamp(moment)
+    parts = DATE_TIME.fullmatch(value)
+    if not parts:
+        raise ValueError(f"Input should be {expected}", "datetime_parsing")
+    day, hour, minute, second, fraction, offset = parts.groups()
+    if offset is None:
+        raise ValueError(
+            "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
+        )
+    try:
+        zone = (
+            UTC
+            if offset in "Zz"
+            else timezone(int(offset[0] + "1") * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:])))
+        )
+        local = datetime.combine(
+            date.fromisoformat(day),
+            dt_time(int(hour), int(minute), int(second), int((fraction or "0").ljust(6, "0")[:6])),
+        )
+        moment = local.replace(tzinfo=zone).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
+    if not 1 <= moment.year <= MOMENT_YEAR_MAX:
+        raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
+    return stamp(moment), stamp(moment)
+
+
+def stamp(moment: datetime) -> str:
+    """The one timestamp format stored and served (see schema.sql), from a UTC datetime."""
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def completed_errors(value) -> list:
@@ -791,13 +1110,20 @@ def non_negative_int(params, name: str, default: int, low: int, high: int, error
     return default
 
 
-def choice(params, name: str, options: tuple, default, errors: list):
-    raw = params.get(name)
+def choice(raw: str | None, name: str, options, default, errors: list):
     if raw is None:
         return default
     if raw not in options:
         errors.append((("query", name), f"Input should be one of: {', '.join(options)}", "enum"))
     return raw
+
+
+def aliased(params, name: str, alias: str, errors: list) -> str | None:
+    """A parameter that frontends also send under another name (search for q, sort_by for sort)."""
+    given = params.getlist(name) + params.getlist(alias)
+    if len(set(given)) > 1:
+        errors.append((("query", name), f"Give {name} or {alias}, not both with different values", "value_error"))
+    return given[-1] if given else None
 
 
 def escape_like(text: str) -> str:
@@ -806,16 +1132,32 @@ def escape_like(text: str) -> str:
 
 
 def parse_list_query(params) -> dict:
+    """The list's statement and its values: every filter, NULL where it is off."""
     errors = []
-    completed = choice(params, "completed", ("true", "false"), None, errors)
-    status = choice(params, "status", ("all", "pending", "completed"), "all", errors)
-    sort = choice(params, "sort", tuple(SORT_COLUMNS), "created_at", errors)
-    order = choice(params, "order", tuple(SORT_ORDERS), "desc", errors)
+    completed = choice(params.get("completed"), "completed", ("true", "false"), None, errors)
+    status = choice(params.get("status"), "status", ("all", "pending", "completed"), "all", errors)
+    sort = choice(aliased(params, "sort", "sort_by", errors), "sort", tuple(SORTS), "created_at", errors)
+    order = choice(aliased(params, "order", "sort_order", errors), "order", tuple(SORT_ORDERS), "desc", errors)
+    overdue = choice(params.get("overdue"), "overdue", ("true", "false"), None, errors)
+    reminder_due = choice(params.get("reminder_due"), "reminder_due", ("true", "false"), None, errors)
     limit = non_negative_int(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
     offset = non_negative_int(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
-    q = params.get("q", "")
+    q = aliased(params, "q", "search", errors) or ""
     if not storable_text(q) or len(q) > TITLE_MAX + DESCRIPTION_MAX:
         errors.append((("query", "q"), "Search text is too long or not valid text", "string_type"))
+    priorities = [choice(p, "priority", tuple(PRIORITIES), None, errors) for p in params.getlist("priority")]
+    tags = [tag.strip(WHITE_SPACE) for tag in params.getlist("tag")]
+    if len(tags) > MAX_TAGS or not all(0 < len(tag) <= TAG_MAX for tag in tags):
+        errors.append((("query", "tag"), f"At most {MAX_TAGS} tags, each 1 to {TAG_MAX} characters", "value_error"))
+    tag_keys = list(dict.fromkeys(tag.casefold() for tag in tags))
+    # A tag no task can have (NUL, an unpaired surrogate) matches nothing; the database never sees it.
+    unmatchable = not all(storable_text(tag) for tag in tags)
+    moments = {}
+    for name, date_means in (("due_before", "start"), ("due_after", "end")):
+        try:
+            moments[name] = parse_moment(params.get(name), date_means)[1]
+        except ValueError as problem:
+            errors.append((("query", name), *problem.args))
     if errors:
         raise invalid(*errors)
     wanted = {"true": True, "false": False}.get(completed)
@@ -823,15 +1165,29 @@ def parse_list_query(params) -> dict:
         status_wants = status == "completed"
         # Both filters given and disagreeing: no task can match, and none is returned.
         wanted = status_wants if wanted in (None, status_wants) else "conflict"
-    filtered = wanted is not None or bool(q)
-    return {
-        "statement": (LIST_MATCHING_TASKS if filtered else LIST_ALL_TASKS)[(sort, order)],
-        "count_statement": COUNT_MATCHING_TASKS if filtered else USER_TASK_COUNT,
+    if unmatchable:
+        wanted, tag_keys = "conflict", []
+    ranks = [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES)
+    values = {
         "completed": wanted,
         "pattern": f"%{escape_like(q.lower())}%" if q else None,
+        **{f"priority_{n}": ranks[(n - 1) % len(ranks)] for n in (1, 2, 3)},
+        **moments,
+        "overdue": {"true": True, "false": False}.get(overdue),
+        "reminder_due": {"true": True, "false": False}.get(reminder_due),
+        "now": utc_now(),
+        **{f"tag_{n}": key for n, key in enumerate(tag_keys + [None] * (MAX_TAGS - len(tag_keys)), start=1)},
         "limit": limit,
         "offset": offset,
     }
+    filtered = any(values[name] is not None for name in ("completed", "pattern", *moments, "overdue", "reminder_due"))
+    if tag_keys:
+        statement, count_statement = LIST_TAGGED_TASKS[(sort, order)], COUNT_TAGGED_TASKS
+    elif filtered or priorities:
+        statement, count_statement = LIST_MATCHING_TASKS[(sort, order)], COUNT_MATCHING_TASKS
+    else:
+        statement, count_statement = LIST_ALL_TASKS[(sort, order)], USER_TASK_COUNT
+    return {"statement": statement, "count_statement": count_statement, "values": values}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -846,6 +1202,12 @@ def task_json(row) -> dict:
         "title": row["title"],
         "description": row["description"],
         "completed": bool(row["completed"]),  # SQLite answers 0 or 1
+        "priority": PRIORITY_NAMES[row["priority"]],
+        "tags": json.loads(row["tags"]),
+        "due_date": row["due_date"],
+        "remind_at": row["remind_at"],
+        "recurrence": row["recurrence"],
+        "next_occurrence_id": row["next_occurrence_id"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
@@ -862,17 +1224,21 @@ def reply(body, envelope: bool, status_code: int = 200, headers: dict | None = N
     return JSONResponse({"data": body} if envelope else body, status_code, headers=headers)
 
 
+def task_limit_reached() -> HTTPException:
+    return HTTPException(409, "Task limit reached")
+
+
 async def list_tasks(request: Request, envelope: bool) -> Response:
     """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match."""
     query = parse_list_query(request.query_params)
+    values = {**query["values"], "user_id": request.user.id}
     database = request.app.state.database
-    if query["completed"] == "conflict":
+    if values["completed"] == "conflict":
         return reply([], envelope, headers={"X-Total-Count": "0"})
-    values = {"user_id": request.user.id, **{key: query[key] for key in ("completed", "pattern", "limit", "offset")}}
     rows = await database.fetch(query["statement"], values)
     if rows:
         total = rows[0]["total_count"]
-    elif query["offset"]:
+    elif values["offset"]:
         counted = await database.fetch(query["count_statement"], values)
         total = counted[0]["total"] if counted else 0
     else:
@@ -884,24 +1250,24 @@ async def create_task(request: Request, envelope: bool) -> Response:
     fields = parse_task_fields(await read_json_body(request), partial=False)
     database, caller = request.app.state.database, request.user
     values = {
+        **fields,
         "id": str(uuid.uuid4()),
         "user_id": caller.id,
         "email": caller.email,
-        "title": fields["title"],
-        "description": fields.get("description"),
-        "completed": fields.get("completed", False),
         "now": utc_now(),
         "max_tasks": request.app.state.max_tasks_per_user,
     }
     if database.dialect == "postgresql":
-        rows = await database.fetch(CREATE_TASK, values)
+        rows = await database.fetch(CREATE_TASK, {**values, "tag_keys": json.dumps(fields["tag_keys"])})
     else:
         async with database.transaction() as run:
             rows = await run(COUNT_NEW_TASK, values)
             if rows:
                 rows = await run(INSERT_TASK, values)
+                for tag in fields["tag_keys"]:
+                    await run(INSERT_TASK_TAG, {**values, "tag": tag})
     if not rows:
-        raise HTTPException(409, "Task limit reached")
+        raise task_limit_reached()
     location = f"{quote(request.url.path)}/{rows[0]['id']}"
     return reply(task_json(rows[0]), envelope, 201, headers={"Location": location})
 
@@ -916,25 +1282,89 @@ async def update_task(request: Request, envelope: bool) -> Response:
     """PUT and PATCH alike: change the fields given, at least one."""
     task_id = task_id_or_404(request)
     fields = parse_task_fields(await read_json_body(request), partial=True)
-    values = {"id": task_id, "user_id": request.user.id, "now": utc_now()}
-    for name in ("title", "description", "completed"):
-        values[f"set_{name}"] = name in fields
-        values[name] = fields.get(name)
-    rows = await request.app.state.database.fetch(UPDATE_TASK, values)
-    return reply(task_or_404(rows), envelope)
+    return reply(await change_task(request, task_id, fields, flip=False), envelope)
 
 
 async def complete_task(request: Request, envelope: bool) -> Response:
-    """Flip `completed` in one atomic UPDATE, or set it when the body says {"completed": bool}."""
+    """Flip `completed`, or set it when the body says {"completed": bool}."""
     task_id = task_id_or_404(request)
     completed = parse_completed_body(await read_json_body(request, required=False))
-    values = {"id": task_id, "user_id": request.user.id, "now": utc_now()}
+    fields = {} if completed is None else {"completed": completed}
+    return reply(await change_task(request, task_id, fields, flip=completed is None), envelope)
+
+
+async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
+    """Apply a change to the caller's task atomically; completing a recurring task creates its next
+    occurrence in the same change (at most once per task, ever)."""
     database = request.app.state.database
-    if completed is None:
-        rows = await database.fetch(TOGGLE_TASK, values)
+    values = {
+        "id": task_id,
+        "user_id": request.user.id,
+        "now": utc_now(),
+        "successor_id": str(uuid.uuid4()),
+        "max_tasks": request.app.state.max_tasks_per_user,
+        "flip": flip,
+    }
+    if database.dialect == "postgresql":
+        for name in TASK_FIELDS:
+            values[f"set_{name}"] = name in fields
+            values[name] = fields.get(name)
+        values["due_at"] = fields.get("due_at")  # set with due_date
+        values["tag_keys"] = json.dumps(fields.get("tag_keys", []))
+        rows = await database.fetch(CHANGE_TASK, values)
+        if rows and rows[0]["refused"] == "recurrence":
+            raise invalid(recurrence_needs_due_date())
+        if rows and rows[0]["refused"] == "limit":
+            raise task_limit_reached()
+        return task_or_404([row for row in rows if row["id"] is not None])
+    async with database.transaction() as run:
+        return await change_task_in_sqlite(run, values, fields, flip)
+
+
+async def change_task_in_sqlite(run, values: dict, fields: dict, flip: bool) -> dict:
+    """CHANGE_TASK's work, for SQLite: read, decide in Python, write, in the caller's transaction."""
+    old = await run(SELECT_TASK_TO_CHANGE, values)
+    if not old:
+        raise task_not_found()
+    old = {**old[0], "completed": bool(old[0]["completed"])}
+    new = {**old, **{name: value for name, value in fields.items() if name != "tag_keys"}}
+    if flip:
+        new["completed"] = not old["completed"]
+    if new["recurrence"] and not new["due_date"]:
+        raise invalid(recurrence_needs_due_date())
+    recurs = not old["completed"] and new["completed"] and new["recurrence"] and not old["next_occurrence_id"]
+    if recurs:
+        if not await run(COUNT_NEW_TASK, {**values, "email": None}):
+            raise task_limit_reached()
+        new["next_occurrence_id"] = values["successor_id"]
+    [row] = await run(WRITE_TASK, {**values, **new})
+    if "tag_keys" in fields:
+        await run(DELETE_TASK_TAGS, values)
+        for tag in fields["tag_keys"]:
+            await run(INSERT_TASK_TAG, {**values, "tag": tag})
+    if recurs:
+        successor = {**new, **next_occurrence(new), "id": values["successor_id"], "completed": False}
+        await run(INSERT_TASK, {**values, **successor})
+        await run(COPY_TASK_TAGS, values)
+    return task_json(row)
+
+
+def next_occurrence(task: dict) -> dict:
+    """due_date one period on (monthly: the same day of the next month, or its last day), as a date
+    if it was one, and remind_at moved by as much. PostgreSQL does the same in CHANGE_TASK."""
+    due = datetime.fromisoformat(task["due_at"])
+    if task["recurrence"] == "monthly":
+        year, month = (due.year, due.month + 1) if due.month < 12 else (due.year + 1, 1)
+        next_due = due.replace(year=year, month=month, day=min(due.day, calendar.monthrange(year, month)[1]))
     else:
-        rows = await database.fetch(SET_TASK_COMPLETED, {**values, "completed": completed})
-    return reply(task_or_404(rows), envelope)
+        next_due = due + timedelta(days=1 if task["recurrence"] == "daily" else 7)
+    remind_at = task["remind_at"] and stamp(datetime.fromisoformat(task["remind_at"]) + (next_due - due))
+    due_at = stamp(next_due)
+    return {
+        "due_date": due_at[:10] if len(task["due_date"]) == 10 else due_at,
+        "due_at": due_at,
+        "remind_at": remind_at,
+    }
 
 
 async def delete_task(request: Request, envelope: bool) -> Response:
