@@ -7,7 +7,7 @@
 PostgreSQL is started the way the test suite starts it, or taken from BENCH_DATABASE_URL (its tasks
 and users tables are emptied). The service runs as a real one-worker `uvicorn service:app` process.
 The floor is a bare ASGI callable (below) under the same uvicorn: it verifies the same JWT and runs the
-same SQL text from service.py with asyncpg directly, with no framework and no `databases`. The load
+same SQL text from service.py with asyncpg directly, with no framework. The load
 generator runs in its own process and speaks HTTP/1.1 over raw keep-alive sockets.
 """
 
@@ -34,11 +34,11 @@ os.environ["BETTER_AUTH_SECRET"] = SECRET
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import jwt  # noqa: E402
+from starlette.datastructures import QueryParams  # noqa: E402
 
 import service  # noqa: E402
 
 logging.getLogger("httpx").setLevel(logging.WARNING)  # service.py logs at INFO; the bench's own calls are noise
-logging.getLogger("databases").setLevel(logging.WARNING)
 
 HERE = Path(__file__).parent
 ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
@@ -54,7 +54,7 @@ class FloorStatement:
     """A statement of service.py's, as asyncpg takes it ($1, $2 ...), translated once."""
 
     def __init__(self, sql: str):
-        self.sql, self.names = service.driver_sql(sql, "postgresql")
+        self.sql, self.names = service.driver_sql(sql)
 
     def args(self, **values):
         return [values[name] for name in self.names]
@@ -62,13 +62,17 @@ class FloorStatement:
 
 FLOOR_LIST = FloorStatement(service.LIST_ALL_TASKS[("created_at", "desc")])
 FLOOR_SELECT = FloorStatement(service.SELECT_TASK)
-FLOOR_COUNT_NEW = FloorStatement(service.COUNT_NEW_TASK)
-FLOOR_UNCOUNT = FloorStatement(service.UNCOUNT_DELETED_TASK)
-FLOOR_INSERT = FloorStatement(service.INSERT_TASK)
-FLOOR_TOGGLE = FloorStatement(service.TOGGLE_TASK)
-FLOOR_UPDATE = FloorStatement(service.UPDATE_TASK)
-FLOOR_DELETE = FloorStatement(service.DELETE_TASK)
+FLOOR_CREATE = FloorStatement(service.CREATE_TASK)
+FLOOR_CHANGE = FloorStatement(service.CHANGE_TASK)
+FLOOR_DELETE = FloorStatement(service.DELETE_AND_UNCOUNT_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
+NO_CHANGE = {
+    **{f"set_{name}": False for name in service.TASK_FIELDS},
+    **dict.fromkeys(service.TASK_FIELDS),
+    "due_at": None,
+    "tag_keys": "[]",
+    "flip": False,
+}
 
 
 def floor_task(row) -> dict:
@@ -78,16 +82,26 @@ def floor_task(row) -> dict:
         "title": row["title"],
         "description": row["description"],
         "completed": row["completed"],
+        "priority": service.PRIORITY_NAMES[row["priority"]],
+        "tags": json.loads(row["tags"]),
+        "due_date": row["due_date"],
+        "remind_at": row["remind_at"],
+        "recurrence": row["recurrence"],
+        "next_occurrence_id": row["next_occurrence_id"],
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
+
+
+async def no_reset(connection) -> None:
+    """Nothing to reset: no statement here leaves session state behind (as in service.py)."""
 
 
 async def floor(scope, receive, send):
     """The bare ASGI app: `uvicorn bench:floor`."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
-            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"])
+            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], reset=no_reset)
             await send({"type": "lifespan.startup.complete"})
         await floor.pool.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -109,6 +123,7 @@ async def floor(scope, receive, send):
 
 
 async def floor_handle(scope, body: bytes):
+    """Each request is one statement, as in the service: the physical limit of one round trip."""
     if scope["path"] == "/health":
         return 200, {"status": "ok"}
     authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
@@ -120,54 +135,28 @@ async def floor_handle(scope, body: bytes):
     if route is None or route.group(1) != claims["sub"]:
         return 404, {"detail": "Not Found"}
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
-    async with floor.pool.acquire() as connection:
-        if task_id is None and method == "GET":
-            rows = await connection.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(user_id=user_id, limit=50, offset=0))
-            return 200, [floor_task(row) for row in rows]
-        if task_id is None:
-            fields = json.loads(body)
-            async with connection.transaction():
-                await connection.execute(
-                    FLOOR_COUNT_NEW.sql, *FLOOR_COUNT_NEW.args(user_id=user_id, email=None, now=now)
-                )
-                row = await connection.fetchrow(
-                    FLOOR_INSERT.sql,
-                    *FLOOR_INSERT.args(
-                        id=str(uuid.uuid4()),
-                        user_id=user_id,
-                        title=fields["title"].strip(),
-                        description=None,
-                        completed=False,
-                        now=now,
-                    ),
-                )
-            return 201, floor_task(row)
-        if method == "GET":
-            row = await connection.fetchrow(FLOOR_SELECT.sql, *FLOOR_SELECT.args(id=task_id, user_id=user_id))
-        elif method == "PATCH":
-            row = await connection.fetchrow(FLOOR_TOGGLE.sql, *FLOOR_TOGGLE.args(id=task_id, user_id=user_id, now=now))
-        elif method == "PUT":
-            title = json.loads(body)["title"].strip()
-            row = await connection.fetchrow(
-                FLOOR_UPDATE.sql,
-                *FLOOR_UPDATE.args(
-                    id=task_id,
-                    user_id=user_id,
-                    now=now,
-                    set_title=True,
-                    title=title,
-                    set_description=False,
-                    description=None,
-                    set_completed=False,
-                    completed=None,
-                ),
-            )
-        else:
-            async with connection.transaction():
-                row = await connection.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
-                if row is not None:
-                    await connection.execute(FLOOR_UNCOUNT.sql, *FLOOR_UNCOUNT.args(user_id=user_id))
-            return (404, {"detail": "Task not found"}) if row is None else (204, None)
+    pool = floor.pool
+    if task_id is None and method == "GET":
+        rows = await pool.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(user_id=user_id, limit=50, offset=0))
+        return 200, [floor_task(row) for row in rows]
+    if task_id is None:
+        values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip(), "tag_keys": "[]"}
+        values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
+        row = await pool.fetchrow(FLOOR_CREATE.sql, *FLOOR_CREATE.args(**values))
+        return 201, floor_task(row)
+    if method == "GET":
+        row = await pool.fetchrow(FLOOR_SELECT.sql, *FLOOR_SELECT.args(id=task_id, user_id=user_id))
+    elif method in ("PATCH", "PUT"):
+        change = (
+            {"flip": True} if method == "PATCH" else {"set_title": True, "title": json.loads(body)["title"].strip()}
+        )
+        values = {**NO_CHANGE, **change, "id": task_id, "user_id": user_id, "now": now}
+        values |= {"successor_id": str(uuid.uuid4()), "max_tasks": 10_000}
+        row = await pool.fetchrow(FLOOR_CHANGE.sql, *FLOOR_CHANGE.args(**values))
+        row = None if row is None or row["id"] is None else row
+    else:
+        row = await pool.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
+        return (404, {"detail": "Task not found"}) if row is None else (204, None)
     return (404, {"detail": "Task not found"}) if row is None else (200, floor_task(row))
 
 
@@ -180,15 +169,19 @@ def token(user_id: str) -> str:
     return jwt.encode({"sub": user_id, "iat": now, "exp": now + timedelta(hours=2)}, SECRET, algorithm="HS256")
 
 
+TAG_POOL = 50  # each task has one of 50 tags, so a tag filter matches 2% of a user's tasks
+
+
 async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") -> dict[str, list[str]]:
-    """Empty the tables and fill them; the task ids of each user."""
+    """Empty the tables and fill them; the task ids of each user. Tasks have every priority, a due
+    date on two in three (dates and date-times), and one tag each."""
     db = service.open_database(url)
     await db.connect()
     await service.apply_schema(db)  # the same schema the service applies
     await db.disconnect()
     connection = await asyncpg.connect(url)
     try:
-        await connection.execute("TRUNCATE users, tasks")
+        await connection.execute("TRUNCATE users, tasks, task_tags")
         now = service.utc_now()
         owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
         await connection.copy_records_to_table(
@@ -196,17 +189,54 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
             records=[(u, None, now, tasks_per_user) for u in owned],
             columns=["id", "email", "created_at", "task_count"],
         )
+
+        def due(i: int) -> tuple:
+            if i % 3 == 2:
+                return None, None
+            moment = service.stamp(datetime(2026, 1, 1) + timedelta(minutes=37 * i))
+            return (moment[:10], moment[:10] + "T23:59:59.999999Z") if i % 3 == 0 else (moment, moment)
+
         rows = (
-            (task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now)
+            (
+                task_id,
+                user,
+                f"task {i} of {user}",
+                None,
+                i % 3 == 0,
+                now,
+                now,
+                i % 3 + 1,
+                f'["tag-{i % TAG_POOL}"]',
+                *due(i),
+            )
             for user, ids in owned.items()
             for i, task_id in enumerate(ids)
         )
         await connection.copy_records_to_table(
             "tasks",
             records=rows,
-            columns=["id", "user_id", "title", "description", "completed", "created_at", "updated_at"],
+            columns=[
+                "id",
+                "user_id",
+                "title",
+                "description",
+                "completed",
+                "created_at",
+                "updated_at",
+                "priority",
+                "tags",
+                "due_date",
+                "due_at",
+            ],
         )
-        await connection.execute("ANALYZE users; ANALYZE tasks")
+        await connection.copy_records_to_table(
+            "task_tags",
+            records=(
+                (task_id, user, f"tag-{i % TAG_POOL}") for user, ids in owned.items() for i, task_id in enumerate(ids)
+            ),
+            columns=["task_id", "user_id", "tag"],
+        )
+        await connection.execute("ANALYZE users; ANALYZE tasks; ANALYZE task_tags")
     finally:
         await connection.close()
     return owned
@@ -400,30 +430,45 @@ def table(results: dict) -> str:
 # Scale: the same first-page list and get on a small and a large table
 
 
+SCALE_REQUESTS = {  # each a first page of 50, as a frontend asks for it, and one get
+    "list": "?limit=50",
+    "list by due_date": "?limit=50&sort=due_date&order=asc",
+    "list by priority": "?limit=50&sort=priority&order=desc",
+    "list by one tag": "?limit=50&tag=tag-7",
+}
+
+
 async def timed_requests(port: int, user: str, task_id: str, rounds: int) -> dict:
-    bearer = token(user)
-    times = {"list": [], "get": []}
+    bearer = {"Authorization": f"Bearer {token(user)}"}
+    paths = {name: f"/api/{user}/tasks{query}" for name, query in SCALE_REQUESTS.items()}
+    paths["get"] = f"/api/{user}/tasks/{task_id}"
+    times = {name: [] for name in paths}
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         for _ in range(rounds):
-            for name, path in (("list", f"/api/{user}/tasks?limit=50"), ("get", f"/api/{user}/tasks/{task_id}")):
+            for name, path in paths.items():
                 started = time.perf_counter()
-                assert (await http.get(path, headers={"Authorization": f"Bearer {bearer}"})).status_code == 200
+                assert (await http.get(path, headers=bearer)).status_code == 200
                 times[name].append((time.perf_counter() - started) * 1000)
     return {name: round(statistics.median(values), 3) for name, values in times.items()}
 
 
 async def explain(url: str, user: str, task_id: str) -> dict:
+    """The plans of the statements the service runs for SCALE_REQUESTS, with their values."""
     connection = await asyncpg.connect(url)
     try:
         plans = {}
-        for name, statement, values in (
-            ("list", FLOOR_LIST, {"user_id": user, "limit": 50, "offset": 0}),
-            ("get", FLOOR_SELECT, {"id": task_id, "user_id": user}),
-        ):
+        for name, query in SCALE_REQUESTS.items():
+            parsed = service.parse_list_query(QueryParams(query[1:]))
+            statement = FloorStatement(parsed["statement"])
+            values = {**parsed["values"], "user_id": user}
             rows = await connection.fetch(
                 f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}", *statement.args(**values)
             )
             plans[name] = "\n".join(row[0] for row in rows)
+        rows = await connection.fetch(
+            f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {FLOOR_SELECT.sql}", *FLOOR_SELECT.args(id=task_id, user_id=user)
+        )
+        plans["get"] = "\n".join(row[0] for row in rows)
         return plans
     finally:
         await connection.close()
@@ -445,7 +490,7 @@ def scale(database_url: str, rounds: int) -> dict:
             process.wait(30)
         results[size]["plans"] = asyncio.run(explain(database_url, user, owned[user][per_user // 2]))
     small, large = results["1,000 tasks"], results["1,000,000 tasks"]
-    results["ratio"] = {name: round(large[name] / small[name], 2) for name in ("list", "get")}
+    results["ratio"] = {name: round(large[name] / small[name], 2) for name in (*SCALE_REQUESTS, "get")}
     return results
 
 
@@ -477,7 +522,8 @@ def main():
                 print(json.dumps(results, indent=2))
                 return
             for size in ("1,000 tasks", "1,000,000 tasks"):
-                print(f"{size}: median list {results[size]['list']} ms, get {results[size]['get']} ms")
+                medians = ", ".join(f"{name} {results[size][name]} ms" for name in (*SCALE_REQUESTS, "get"))
+                print(f"{size}: medians: {medians}")
                 for name, plan in results[size]["plans"].items():
                     print(f"  EXPLAIN {name}:\n    " + plan.replace("\n", "\n    "))
             print(f"large/small: {results['ratio']}")

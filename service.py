@@ -1035,6 +1035,8 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
             day = date.fromisoformat(value)
         except ValueError:
             raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
+        if day.year > MOMENT_YEAR_MAX:
+            raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
         moment = datetime.combine(day, dt_time.max if date_means == "end" else dt_time.min)
         return value, stamp(moment)
     parts = DATE_TIME.fullmatch(value)
@@ -1614,6 +1616,17 @@ def write_local_env() -> None:
     print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
 
 
+async def prepare_database(url: str) -> None:
+    """Upgrade the schema before serving, so that `python service.py` can refuse a database newer
+    than the code in one line (the lifespan does the same for `uvicorn service:app`)."""
+    database = open_database(url)
+    await database.connect()
+    try:
+        await apply_schema(database)
+    finally:
+        await database.disconnect()
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="service.py", description="Serve the task API, or mint a token.")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve beyond this machine (the Procfile)")
@@ -1630,6 +1643,10 @@ def main(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])  # start again, reading the new .env
     if problem := settings_problem():
         sys.exit(f"service: {problem}")
+    try:
+        asyncio.run(prepare_database(DATABASE_URL))
+    except SchemaTooNew as refused:
+        sys.exit(f"service: {refused}")
     import uvicorn
 
     configure_logging()

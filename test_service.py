@@ -1700,6 +1700,560 @@ async def test_list_rejects_invalid_query_parameters_with_422(client, family, pa
 
 
 # ---------------------------------------------------------------------------------------------------
+# The task model: priority, tags, due dates, reminders, recurrence
+
+
+async def test_new_fields_round_trip_on_create_and_get(client, family):
+    task = await create(
+        client,
+        family=family,
+        title="Weekly review",
+        priority="high",
+        tags=["work", " Planning "],
+        due_date="2026-01-16T18:00:00+01:00",
+        remind_at="2026-01-16T16:30:00Z",
+        recurrence="weekly",
+    )
+    assert {k: task[k] for k in ("priority", "tags", "due_date", "remind_at", "recurrence", "next_occurrence_id")} == {
+        "priority": "high",
+        "tags": ["work", "Planning"],
+        "due_date": "2026-01-16T17:00:00.000000Z",  # served in UTC
+        "remind_at": "2026-01-16T16:30:00.000000Z",
+        "recurrence": "weekly",
+        "next_occurrence_id": None,
+    }
+    got = await client.get(family.task("alice", task["id"]), headers=auth())
+    assert family.data(got) == task
+    assert await task_rows(client, "alice") == [task]
+
+
+@pytest.mark.parametrize("due_date", ["2026-01-16", "2024-02-29", "0001-01-01", "9998-12-31"])
+async def test_a_date_only_due_date_is_served_back_unchanged(client, family, due_date):
+    task = await create(client, family=family, due_date=due_date)
+    assert task["due_date"] == due_date
+
+
+async def test_tags_are_trimmed_and_deduplicated_case_insensitively_in_order(client, family):
+    task = await create(client, family=family, tags=["Work", "home", " WORK ", "Home", "errands", "work"])
+    assert task["tags"] == ["Work", "home", "errands"]
+
+
+async def test_twenty_tags_and_forty_characters_are_accepted(client):
+    task = await create(client, tags=[f"{i:02d}" + "x" * 38 for i in range(20)])
+    assert len(task["tags"]) == 20 and {len(tag) for tag in task["tags"]} == {40}
+
+
+NEW_FIELD_ERRORS = [
+    ({"priority": "urgent"}, "priority", "enum"),
+    ({"priority": None}, "priority", "enum"),
+    ({"priority": 3}, "priority", "enum"),
+    ({"priority": ["high"]}, "priority", "enum"),
+    ({"tags": "work"}, "tags", "list_type"),
+    ({"tags": None}, "tags", "list_type"),
+    ({"tags": {"work": True}}, "tags", "list_type"),
+    ({"tags": [7]}, "tags", "string_type"),
+    ({"tags": ["  "]}, "tags", "string_too_short"),
+    ({"tags": ["x" * 41]}, "tags", "string_too_long"),
+    ({"tags": ["nul\u0000"]}, "tags", "string_unicode"),
+    ({"tags": [f"t{i}" for i in range(21)]}, "tags", "too_long"),
+    ({"due_date": "2026-01-16T17:00:00"}, "due_date", "timezone_aware"),
+    ({"due_date": "2026-02-30"}, "due_date", "datetime_parsing"),
+    ({"due_date": "16/01/2026"}, "due_date", "datetime_parsing"),
+    ({"due_date": "2026-01-16T25:00:00Z"}, "due_date", "datetime_parsing"),
+    ({"due_date": "9999-06-01"}, "due_date", "datetime_range"),
+    ({"due_date": 1768582800}, "due_date", "datetime_type"),
+    ({"remind_at": "2026-01-16"}, "remind_at", "datetime_parsing"),
+    ({"remind_at": "2026-01-16T16:30:00"}, "remind_at", "timezone_aware"),
+    ({"remind_at": True}, "remind_at", "datetime_type"),
+    ({"recurrence": "yearly"}, "recurrence", "enum"),
+    ({"recurrence": "weekly"}, "recurrence", "recurrence_without_due_date"),
+    ({"recurrence": "daily", "due_date": None}, "recurrence", "recurrence_without_due_date"),
+]
+
+
+@pytest.mark.parametrize(
+    "body, field, kind", NEW_FIELD_ERRORS, ids=[f"{field}-{i}" for i, (_, field, _) in enumerate(NEW_FIELD_ERRORS)]
+)
+async def test_invalid_new_fields_are_422_naming_the_field_on_create(client, family, body, field, kind):
+    response = await client.post(family.tasks("alice"), json={"title": "t", **body}, headers=auth())
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"][:2] == ["body", field] and error["type"] == kind, error
+    assert await task_rows(client, "alice") == []
+
+
+@pytest.mark.parametrize(
+    "body, field, kind",
+    NEW_FIELD_ERRORS[:-2],
+    ids=[f"{field}-{i}" for i, (_, field, _) in enumerate(NEW_FIELD_ERRORS[:-2])],
+)
+async def test_invalid_new_fields_are_422_on_update_and_change_nothing(client, family, body, field, kind):
+    task = await create(client, family=family)
+    response = await client.patch(family.task("alice", task["id"]), json=body, headers=auth())
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][:2] == ["body", field]
+    assert await task_rows(client, "alice") == [task]
+
+
+async def test_a_change_that_would_leave_a_recurring_task_without_a_due_date_is_422(client, family):
+    plain = await create(client, family=family)
+    recurring = await create(client, family=family, due_date="2026-01-16", recurrence="daily")
+    for task, body in [(plain, {"recurrence": "weekly"}), (recurring, {"due_date": None})]:
+        response = await client.put(family.task("alice", task["id"]), json=body, headers=auth())
+        assert response.status_code == 422
+        assert response.json()["detail"][0]["loc"] == ["body", "recurrence"]
+    assert await task_rows(client, "alice") == sorted([plain, recurring], key=lambda t: t["id"])
+    both = await client.patch(
+        family.task("alice", plain["id"]), json={"recurrence": "weekly", "due_date": "2026-02-01"}, headers=auth()
+    )
+    assert both.status_code == 200 and family.data(both)["recurrence"] == "weekly"
+
+
+@pytest.mark.parametrize("field", ["description", "due_date", "remind_at", "recurrence"])
+async def test_null_clears_a_nullable_field(client, family, field):
+    task = await create(
+        client,
+        family=family,
+        description="d",
+        due_date="2026-01-16",
+        remind_at="2026-01-16T09:00:00Z",
+        recurrence=None if field != "recurrence" else "daily",
+    )
+    body = {field: None} if field != "due_date" else {"due_date": None, "remind_at": None}
+    changed = family.data(await client.patch(family.task("alice", task["id"]), json=body, headers=auth()))
+    assert changed[field] is None
+    assert (await task_rows(client, "alice"))[0][field] is None
+
+
+async def test_an_update_changes_the_new_fields_given_and_keeps_the_others(client, family):
+    task = await create(client, family=family, priority="low", tags=["a"], due_date="2026-01-16")
+    changed = family.data(
+        await client.put(
+            family.task("alice", task["id"]), json={"priority": "high", "tags": ["B", "c"]}, headers=auth()
+        )
+    )
+    assert changed == {**task, "priority": "high", "tags": ["B", "c"], "updated_at": changed["updated_at"]}
+    assert await listing(client, family, tag="b") == ([changed], 1)
+    assert await listing(client, family, tag="a") == ([], 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Listing by the new fields: filters, sorts, aliases; X-Total-Count exact for each
+
+
+async def seed_model(client) -> dict:
+    """Six tasks of alice's with every kind of due date, priority and tag, plus one of bob's."""
+    specs = {
+        "past-date": {"due_date": "2020-01-01", "priority": "low", "tags": ["Work"]},
+        "past-time": {"due_date": "2020-06-01T12:00:00Z", "priority": "high", "tags": ["work", "urgent"]},
+        "today-end": {"due_date": "2026-03-10", "priority": "medium", "tags": ["home"]},
+        "future": {
+            "due_date": "2099-01-01T00:00:00+02:00",
+            "priority": "high",
+            "tags": ["home", "Urgent"],
+            "remind_at": "2020-01-01T00:00:00Z",
+        },
+        "no-due": {"priority": "low", "remind_at": "2099-01-01T00:00:00Z"},
+        "done-past": {
+            "due_date": "2019-01-01",
+            "completed": True,
+            "tags": ["work"],
+            "remind_at": "2019-01-01T00:00:00Z",
+        },
+    }
+    tasks = {name: await create(client, title=name, **fields) for name, fields in specs.items()}
+    await create(client, "bob", title="bob's", due_date="2020-01-01", tags=["work"], priority="high")
+    return tasks
+
+
+LIST_CASES = [
+    ({"priority": "high"}, {"past-time", "future"}),
+    ({"priority": ["low", "high"]}, {"past-date", "past-time", "future", "no-due"}),
+    ({"tag": "work"}, {"past-date", "past-time", "done-past"}),
+    ({"tag": ["WORK", "urgent"]}, {"past-time"}),
+    ({"tag": ["home", "urgent", "work"]}, set()),
+    ({"tag": "nobody"}, set()),
+    ({"due_before": "2020-06-01T12:00:00Z"}, {"past-date", "done-past"}),
+    ({"due_before": "2020-01-01"}, {"done-past"}),  # before that day
+    ({"due_after": "2020-01-01"}, {"past-time", "today-end", "future"}),  # after that day
+    ({"due_after": "2020-01-01T23:59:59.999998Z"}, {"past-date", "past-time", "today-end", "future"}),
+    ({"due_after": "2019-12-31T23:59:59Z", "due_before": "2021-01-01"}, {"past-date", "past-time"}),
+    ({"overdue": "true"}, {"past-date", "past-time"}),
+    ({"overdue": "false"}, {"today-end", "future", "no-due", "done-past"}),
+    ({"reminder_due": "true"}, {"future"}),
+    ({"reminder_due": "false"}, {"past-date", "past-time", "today-end", "no-due", "done-past"}),
+    ({"tag": "work", "status": "pending", "priority": "low"}, {"past-date"}),
+    ({"search": "past"}, {"past-date", "past-time", "done-past"}),
+    ({"q": "past", "search": "past"}, {"past-date", "past-time", "done-past"}),
+]
+
+
+@pytest.mark.parametrize("params, expected", LIST_CASES, ids=[json.dumps(p) for p, _ in LIST_CASES])
+async def test_list_filters_by_the_new_fields_with_an_exact_total(client, family, params, expected, monkeypatch):
+    tasks = await seed_model(client)
+    monkeypatch.setattr(service, "utc_now", lambda: "2026-03-10T12:00:00.000000Z")  # "today" is 2026-03-10
+    listed, total = await listing(client, family, **params)
+    assert {t["title"] for t in listed} == expected and total == len(expected)
+    assert (await listing(client, family, limit=1, offset=1, **params))[1] == len(expected)  # on any page
+    assert await listing(client, family, offset=50, **params) == ([], len(expected))
+    assert all(t["user_id"] == "alice" for t in tasks.values())
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_sorting_by_due_date_puts_tasks_without_one_last_in_either_order(client, order):
+    await seed_model(client)
+    titles = [t["title"] for t in (await listing(client, sort="due_date", order=order))[0]]
+    dated = ["done-past", "past-date", "past-time", "today-end", "future"]
+    assert titles == (dated if order == "asc" else dated[::-1]) + ["no-due"]
+
+
+async def test_a_date_only_due_date_sorts_as_the_end_of_its_day(client):
+    late = await create(client, title="date", due_date="2026-01-16")
+    early = await create(client, title="time", due_date="2026-01-16T23:59:59Z")
+    titles = [t["title"] for t in (await listing(client, sort="due_date", order="asc"))[0]]
+    assert titles == ["time", "date"] and early["id"] != late["id"]
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_sorting_by_priority_orders_low_medium_high_with_ties_by_id(client, order):
+    tasks = [await create(client, title=f"{p}{i}", priority=p) for i in range(2) for p in ("high", "low", "medium")]
+    rank = {"low": 0, "medium": 1, "high": 2}
+    expected = sorted(tasks, key=lambda t: (rank[t["priority"]], t["id"]), reverse=order == "desc")
+    listed, _ = await listing(client, sort_by="priority", sort_order=order)
+    assert [t["id"] for t in listed] == [t["id"] for t in expected]
+    pages = [(await listing(client, sort="priority", order=order, limit=2, offset=o))[0] for o in (0, 2, 4)]
+    assert [t["id"] for page in pages for t in page] == [t["id"] for t in expected]
+
+
+@pytest.mark.parametrize(
+    "params, loc",
+    [
+        ({"sort": "title", "sort_by": "priority"}, "sort"),
+        ({"order": "asc", "sort_order": "desc"}, "order"),
+        ({"q": "a", "search": "b"}, "q"),
+        ({"sort_by": "importance"}, "sort"),
+        ({"priority": "urgent"}, "priority"),
+        ({"due_before": "2026-01-16T17:00:00"}, "due_before"),
+        ({"due_after": "soon"}, "due_after"),
+        ({"overdue": "yes"}, "overdue"),
+        ({"reminder_due": "1"}, "reminder_due"),
+        ({"tag": "x" * 41}, "tag"),
+        ({"tag": [f"t{i}" for i in range(21)]}, "tag"),
+    ],
+    ids=lambda value: json.dumps(value)[:40] if isinstance(value, dict) else value,
+)
+async def test_invalid_new_list_parameters_are_422(client, family, params, loc):
+    response = await client.get(family.tasks("alice"), params=params, headers=auth())
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["query", loc]
+
+
+async def test_a_tag_no_task_can_have_matches_nothing(client):
+    await create(client, tags=["a"])
+    response = await client.get("/api/tasks", params={"tag": "a\u0000"}, headers=auth())
+    assert response.status_code == 200 and response.json() == {"data": []}
+    assert response.headers["x-total-count"] == "0"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recurring tasks
+
+
+def complete_by(client, family, route: str, task_id: str):
+    """Completing a task by each route the contract names."""
+    url = family.task("alice", task_id)
+    return {
+        "complete": lambda: client.patch(f"{url}/complete", headers=auth()),
+        "toggle": lambda: client.patch(f"{url}/toggle", json={"completed": True}, headers=auth()),
+        "put": lambda: client.put(url, json={"completed": True}, headers=auth()),
+        "patch": lambda: client.patch(url, json={"completed": True}, headers=auth()),
+    }[route]()
+
+
+RECURRENCES = [
+    ("daily", "2026-01-16", "2026-01-17"),
+    ("weekly", "2026-01-16", "2026-01-23"),
+    ("monthly", "2026-01-16", "2026-02-16"),
+    ("monthly", "2026-01-31", "2026-02-28"),
+    ("monthly", "2028-01-31", "2028-02-29"),
+    ("monthly", "2028-02-29", "2028-03-29"),
+    ("monthly", "2026-12-31", "2027-01-31"),
+    ("daily", "2026-12-31T23:30:00Z", "2027-01-01T23:30:00.000000Z"),
+    ("weekly", "2026-01-16T17:00:00-05:00", "2026-01-23T22:00:00.000000Z"),
+    ("monthly", "2026-01-31T09:15:00.5Z", "2026-02-28T09:15:00.500000Z"),
+    ("monthly", "2028-02-29T00:00:00Z", "2028-03-29T00:00:00.000000Z"),
+]
+
+
+@pytest.mark.parametrize("recurrence, due_date, next_due", RECURRENCES, ids=[f"{r}-{d}" for r, d, _ in RECURRENCES])
+async def test_completing_a_recurring_task_creates_its_next_occurrence(client, recurrence, due_date, next_due):
+    task = await create(
+        client,
+        title="Pay rent",
+        description="to the landlord",
+        priority="high",
+        tags=["Home", "money"],
+        due_date=due_date,
+        recurrence=recurrence,
+    )
+    response = await client.patch(f"/api/tasks/{task['id']}/complete", headers=auth())
+    completed = response.json()["data"]
+    assert completed["completed"] is True and completed["next_occurrence_id"] is not None
+    successor = (await client.get(f"/api/tasks/{completed['next_occurrence_id']}", headers=auth())).json()["data"]
+    assert successor == {
+        **task,
+        "id": completed["next_occurrence_id"],
+        "due_date": next_due,
+        "created_at": successor["created_at"],
+        "updated_at": successor["created_at"],
+    }
+    assert successor["created_at"] == completed["updated_at"]  # the same change
+    assert (await listing(client, tag="money"))[1] == 2  # the successor has the tags, as keys too
+    assert (await listing(client))[1] == 2
+
+
+@pytest.mark.parametrize("route", ["complete", "toggle", "put", "patch"])
+async def test_every_route_that_completes_a_recurring_task_creates_one_successor(client, family, route):
+    task = await create(client, family=family, due_date="2026-01-16", recurrence="daily")
+    response = await complete_by(client, family, route, task["id"])
+    assert response.status_code == 200
+    rows = await task_rows(client, "alice")
+    assert len(rows) == 2
+    [successor] = [row for row in rows if row["id"] != task["id"]]
+    assert family.data(response)["next_occurrence_id"] == successor["id"]
+    assert successor["due_date"] == "2026-01-17" and successor["completed"] is False
+
+
+@pytest.mark.parametrize(
+    "due_date, remind_at, next_remind",
+    [
+        ("2026-01-31", "2026-01-30T20:00:00Z", "2026-02-27T20:00:00.000000Z"),
+        ("2026-01-16T17:00:00Z", "2026-01-16T16:30:00+00:00", "2026-02-16T16:30:00.000000Z"),
+        ("2026-01-16T17:00:00Z", None, None),
+    ],
+)
+async def test_remind_at_moves_with_the_due_date(client, due_date, remind_at, next_remind):
+    task = await create(client, due_date=due_date, remind_at=remind_at, recurrence="monthly")
+    completed = (await client.patch(f"/api/tasks/{task['id']}/complete", headers=auth())).json()["data"]
+    successor = (await client.get(f"/api/tasks/{completed['next_occurrence_id']}", headers=auth())).json()["data"]
+    assert successor["remind_at"] == next_remind
+
+
+async def test_a_recurring_task_gets_at_most_one_next_occurrence_ever(client, family):
+    task = await create(client, family=family, due_date="2026-01-16", recurrence="weekly")
+    first = family.data(await complete_by(client, family, "complete", task["id"]))
+    reopened = family.data(
+        await client.patch(family.task("alice", task["id"]), json={"completed": False}, headers=auth())
+    )
+    assert reopened["next_occurrence_id"] == first["next_occurrence_id"]
+    again = family.data(await complete_by(client, family, "put", task["id"]))
+    assert again["next_occurrence_id"] == first["next_occurrence_id"]
+    assert len(await task_rows(client, "alice")) == 2
+    assert (await listing(client, family))[1] == 2
+
+
+async def test_completing_an_already_completed_or_plain_task_creates_nothing(client):
+    done = await create(client, due_date="2026-01-16", recurrence="daily", completed=True)
+    plain = await create(client, due_date="2026-01-16")
+    for task in (done, plain):
+        assert (
+            await client.put(f"/api/tasks/{task['id']}", json={"completed": True}, headers=auth())
+        ).status_code == 200
+    assert len(await task_rows(client, "alice")) == 2
+
+
+async def test_a_change_and_completion_together_make_the_successor_from_the_new_values(client):
+    task = await create(client, tags=["old"], due_date="2026-01-16")
+    response = await client.patch(
+        f"/api/tasks/{task['id']}",
+        json={"completed": True, "recurrence": "daily", "tags": ["New"], "due_date": "2026-05-01", "title": "renamed"},
+        headers=auth(),
+    )
+    successor_id = response.json()["data"]["next_occurrence_id"]
+    successor = (await client.get(f"/api/tasks/{successor_id}", headers=auth())).json()["data"]
+    assert (successor["title"], successor["tags"], successor["due_date"]) == ("renamed", ["New"], "2026-05-02")
+    assert {t["id"] for t in (await listing(client, tag="new"))[0]} == {successor_id, task["id"]}
+    assert await listing(client, tag="old") == ([], 0)
+
+
+async def test_50_concurrent_completions_of_one_recurring_task_leave_exactly_one_successor(client):
+    task = await create(client, due_date="2026-01-16", recurrence="daily")
+    responses = await concurrently(
+        *[lambda: client.patch(f"/api/tasks/{task['id']}/complete", headers=auth()) for _ in range(50)]
+    )
+    assert [r.status_code for r in responses] == [200] * 50
+    rows = await task_rows(client, "alice")
+    assert len(rows) == 2
+    assert (await listing(client))[1] == 2
+    [original] = [row for row in rows if row["id"] == task["id"]]
+    assert original["completed"] is False  # 50 flips
+    assert original["next_occurrence_id"] == next(row["id"] for row in rows if row["id"] != task["id"])
+
+
+async def test_deleting_a_task_keeps_its_successor_and_deleting_the_successor_makes_no_new_one(client):
+    task = await create(client, due_date="2026-01-16", recurrence="daily")
+    successor_id = (await client.patch(f"/api/tasks/{task['id']}/complete", headers=auth())).json()["data"][
+        "next_occurrence_id"
+    ]
+    assert (await client.delete(f"/api/tasks/{successor_id}", headers=auth())).status_code == 204
+    await client.patch(f"/api/tasks/{task['id']}/toggle", headers=auth())
+    again = (await client.patch(f"/api/tasks/{task['id']}/toggle", headers=auth())).json()["data"]
+    assert again["next_occurrence_id"] == successor_id and len(await task_rows(client, "alice")) == 1
+    other = await create(client, due_date="2026-01-16", recurrence="daily")
+    other_successor = (await client.patch(f"/api/tasks/{other['id']}/complete", headers=auth())).json()["data"][
+        "next_occurrence_id"
+    ]
+    assert (await client.delete(f"/api/tasks/{other['id']}", headers=auth())).status_code == 204
+    assert (await client.get(f"/api/tasks/{other_successor}", headers=auth())).status_code == 200
+
+
+async def test_completing_a_recurring_task_at_the_task_cap_is_409_and_changes_nothing(client):
+    client.app.state.max_tasks_per_user = 1
+    task = await create(client, due_date="2026-01-16", recurrence="daily")
+    response = await client.patch(f"/api/tasks/{task['id']}/complete", headers=auth())
+    assert response.status_code == 409 and response.json() == {"detail": "Task limit reached"}
+    assert await task_rows(client, "alice") == [task]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Upgrades: databases made by earlier releases of schema.sql are upgraded in place at start
+
+# schema.sql as the first release (3a59f44) and the second (b4015c5) shipped it.
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY CHECK (length(id) > 0), email TEXT, created_at TEXT NOT NULL CHECK (length(created_at) = 27)
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY CHECK (length(id) = 36),
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    title TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 200 AND title = trim(title)),
+    description TEXT CHECK (description IS NULL OR length(description) <= 1000),
+    completed BOOLEAN NOT NULL DEFAULT FALSE,
+    created_at TEXT NOT NULL CHECK (length(created_at) = 27),
+    updated_at TEXT NOT NULL CHECK (length(updated_at) = 27)
+);
+CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks (user_id, created_at, id)
+"""
+SECOND_RELEASE_SCHEMA = FIRST_RELEASE_SCHEMA.replace(
+    "created_at TEXT NOT NULL CHECK (length(created_at) = 27)\n);",
+    "created_at TEXT NOT NULL CHECK (length(created_at) = 27),\n"
+    "    task_count INTEGER NOT NULL DEFAULT 0 CHECK (task_count >= 0)\n);",
+    1,
+)
+# The statements those releases wrote rows with.
+OLD_ROWS = [
+    "INSERT INTO users (id, email, created_at) VALUES ('alice', 'a@example.com', '2026-01-01T00:00:00.000000Z')",
+    "INSERT INTO users (id, email, created_at) VALUES ('bob', NULL, '2026-01-01T00:00:00.000000Z')",
+    "INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at) VALUES "
+    "('11111111-1111-4111-8111-111111111111', 'alice', 'old one', 'kept', TRUE, "
+    "'2026-01-02T00:00:00.000000Z', '2026-01-03T00:00:00.000000Z')",
+    "INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at) VALUES "
+    "('22222222-2222-4222-8222-222222222222', 'alice', 'old two', NULL, FALSE, "
+    "'2026-01-04T00:00:00.000000Z', '2026-01-04T00:00:00.000000Z')",
+    "INSERT INTO tasks (id, user_id, title, description, completed, created_at, updated_at) VALUES "
+    "('33333333-3333-4333-8333-333333333333', 'bob', 'bob''s', NULL, FALSE, "
+    "'2026-01-05T00:00:00.000000Z', '2026-01-05T00:00:00.000000Z')",
+]
+SECOND_RELEASE_COUNTS = [
+    "UPDATE users SET task_count = 2 WHERE id = 'alice'",
+    "UPDATE users SET task_count = 1 WHERE id = 'bob'",
+]
+
+
+@pytest.fixture
+async def fresh_database(database, postgres_url, tmp_path):
+    """An empty database of the test's kind, its own (for PostgreSQL, a new database)."""
+    if database.kind == "sqlite":
+        yield database
+        return
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
+    yield Target(database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled)
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def make_old_database(target: Target, release: int) -> None:
+    db = service.open_database(target.url, target.pooled)
+    await db.connect()
+    async with db.transaction() as run:
+        for statement in (FIRST_RELEASE_SCHEMA if release == 1 else SECOND_RELEASE_SCHEMA).split(";"):
+            await run(statement, None)
+        for statement in OLD_ROWS + (SECOND_RELEASE_COUNTS if release == 2 else []):
+            await run(statement, None)
+    await db.disconnect()
+
+
+@pytest.mark.parametrize("release", [1, 2])
+async def test_a_database_of_an_earlier_release_is_upgraded_at_start_keeping_every_row(
+    fresh_database, verifier, release
+):
+    await make_old_database(fresh_database, release)
+    for _start in range(2):  # the second start finds nothing to do
+        app = service.create_app(fresh_database.url, verifier, fresh_database.pooled)
+        async with app.router.lifespan_context(app), asgi_client(app) as http:
+            listed = await http.get("/api/tasks", params={"sort": "created_at", "order": "asc"}, headers=auth())
+            assert listed.headers["x-total-count"] == "2"
+            tasks = listed.json()["data"]
+            assert [(t["title"], t["description"], t["completed"]) for t in tasks] == [
+                ("old one", "kept", True),
+                ("old two", None, False),
+            ]
+            assert {
+                (
+                    t["priority"],
+                    json.dumps(t["tags"]),
+                    t["due_date"],
+                    t["remind_at"],
+                    t["recurrence"],
+                    t["next_occurrence_id"],
+                )
+                for t in tasks
+            } == {("medium", "[]", None, None, None, None)}
+            assert tasks[0]["updated_at"] == "2026-01-03T00:00:00.000000Z"
+            assert (await http.get("/api/tasks", headers=auth("bob"))).headers["x-total-count"] == "1"
+            created = await http.post(
+                "/api/tasks", json={"title": "new", "tags": ["x"], "due_date": "2026-02-01"}, headers=auth()
+            )
+            assert created.status_code == 201
+            assert (await http.get("/api/tasks", params={"tag": "x"}, headers=auth())).headers["x-total-count"] == "1"
+            assert (await app.state.database.fetch("SELECT version FROM schema_version"))[0][0] == 3
+            await http.delete(f"/api/tasks/{created.json()['data']['id']}", headers=auth())
+
+
+async def test_a_database_newer_than_the_code_is_refused(fresh_database, verifier, tmp_path):
+    app = service.create_app(fresh_database.url, verifier, fresh_database.pooled)
+    async with app.router.lifespan_context(app):
+        await app.state.database.fetch("UPDATE schema_version SET version = 99")
+    with pytest.raises(service.SchemaTooNew, match="step 99, newer than this service's 3"):
+        async with app.router.lifespan_context(app):
+            pass
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
+    env.update(DATABASE_URL=fresh_database.url, BETTER_AUTH_SECRET=SECRET, DATABASE_POOLED=str(fresh_database.pooled))
+    result = subprocess.run(
+        [sys.executable, str(HERE / "service.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "newer than this service's 3" in result.stderr, result.stderr
+
+
+async def test_three_instances_upgrade_an_old_database_at_once(fresh_database, tmp_path):
+    await make_old_database(fresh_database, 1)
+    instances = [ServiceProcess(fresh_database, tmp_path) for _ in range(3)]
+    try:
+        for instance in instances:
+            instance.serving()
+        for instance in instances:
+            async with httpx.AsyncClient(base_url=instance.url) as http:
+                response = await http.get("/api/tasks", headers=auth())
+                assert response.headers["x-total-count"] == "2"
+                assert {t["priority"] for t in response.json()["data"]} == {"medium"}
+    finally:
+        assert [instance.stop() for instance in instances] == [True, True, True]
+
+
+# ---------------------------------------------------------------------------------------------------
 # Persistence and the schema
 
 
