@@ -60,7 +60,7 @@ class FloorStatement:
         return [values[name] for name in self.names]
 
 
-FLOOR_LIST = FloorStatement(service.LIST_ALL_TASKS[("created_at", "desc")])
+FLOOR_LIST = FloorStatement(service.LIST_TASKS[("all", "created_at", "desc")])
 FLOOR_SELECT = FloorStatement(service.SELECT_TASK)
 FLOOR_CREATE = FloorStatement(service.CREATE_TASK)
 FLOOR_CHANGE = FloorStatement(service.CHANGE_TASK)
@@ -232,9 +232,11 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
         await connection.copy_records_to_table(
             "task_tags",
             records=(
-                (task_id, user, f"tag-{i % TAG_POOL}") for user, ids in owned.items() for i, task_id in enumerate(ids)
+                (task_id, user, f"tag-{i % TAG_POOL}", now)
+                for user, ids in owned.items()
+                for i, task_id in enumerate(ids)
             ),
-            columns=["task_id", "user_id", "tag"],
+            columns=["task_id", "user_id", "tag", "created_at"],
         )
         await connection.execute("ANALYZE users; ANALYZE tasks; ANALYZE task_tags")
     finally:

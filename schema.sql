@@ -55,11 +55,13 @@ CREATE TABLE task_tags (
     user_id TEXT NOT NULL,
     -- The tag's case-folded key: case folding may lengthen it ('ß' is 'ss'), so no 40 here.
     tag     TEXT NOT NULL CHECK (length(tag) > 0),
+    -- The task's, so that a tag's tasks come newest first from the index below.
+    created_at TEXT NOT NULL CHECK (length(created_at) = 27),
     PRIMARY KEY (task_id, tag)
 );
 
--- A tag filter starts from one user's tasks with that tag.
-CREATE INDEX task_tags_user_tag ON task_tags (user_id, tag, task_id);
+-- A tag filter starts from one user's tasks with that tag, in created_at order.
+CREATE INDEX task_tags_user_tag ON task_tags (user_id, tag, created_at, task_id);
 -- Sorting by due date puts tasks without one last in either order: (due_at IS NULL) leads the key.
 CREATE INDEX tasks_user_due ON tasks (user_id, (due_at IS NULL), due_at, id);
 CREATE INDEX tasks_user_due_desc ON tasks (user_id, (due_at IS NULL), due_at DESC, id DESC);

@@ -614,8 +614,6 @@ COUNT_NEW_TASK = """
 
 UNCOUNT_DELETED_TASK = "UPDATE users SET task_count = task_count - 1 WHERE id = :user_id"
 
-USER_TASK_COUNT = "SELECT task_count AS total FROM users WHERE id = :user_id"
-
 INSERT_TASK = f"""
     INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at, remind_at,
                        recurrence, created_at, updated_at)
@@ -624,7 +622,10 @@ INSERT_TASK = f"""
     RETURNING {TASK_COLUMNS}
 """
 
-INSERT_TASK_TAG = "INSERT INTO task_tags (task_id, user_id, tag) VALUES (:id, :user_id, :tag)"
+# A tag row carries its task's created_at: a tag's tasks are listed newest first from its index.
+INSERT_TASK_TAG = """
+    INSERT INTO task_tags (task_id, user_id, tag, created_at) VALUES (:id, :user_id, :tag, :created_at)
+"""
 
 # PostgreSQL does it all in one statement (SQLite has no INSERT inside WITH: it runs the statements
 # above in a transaction). The task is inserted only if the user's count went up, its tags only if
@@ -642,8 +643,9 @@ CREATE_TASK = f"""
         RETURNING {TASK_COLUMNS}
     ),
     tagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag)
-        SELECT created.id, :user_id, key FROM created, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        INSERT INTO task_tags (task_id, user_id, tag, created_at)
+        SELECT created.id, :user_id, key, created.created_at
+        FROM created, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
     )
     SELECT {TASK_COLUMNS} FROM created
 """
@@ -671,8 +673,8 @@ WRITE_TASK = f"""
 DELETE_TASK_TAGS = "DELETE FROM task_tags WHERE task_id = :id AND user_id = :user_id"
 
 COPY_TASK_TAGS = """
-    INSERT INTO task_tags (task_id, user_id, tag)
-    SELECT :successor_id, user_id, tag FROM task_tags WHERE task_id = :id AND user_id = :user_id
+    INSERT INTO task_tags (task_id, user_id, tag, created_at)
+    SELECT :successor_id, user_id, tag, :now FROM task_tags WHERE task_id = :id AND user_id = :user_id
 """
 
 # PostgreSQL's change of a task, in one statement: PUT, PATCH, /complete and /toggle alike. A field
@@ -729,9 +731,10 @@ CHANGE_TASK = f"""
         RETURNING {TASK_COLUMNS}, due_at, recurs
     ),
     retagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag)
-        SELECT :id, :user_id, key FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
-        WHERE :set_tags AND EXISTS (SELECT 1 FROM changed)
+        INSERT INTO task_tags (task_id, user_id, tag, created_at)
+        SELECT :id, :user_id, key, changed.created_at
+        FROM changed, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        WHERE :set_tags
         ON CONFLICT DO NOTHING
     ),
     untagged AS (
@@ -762,11 +765,11 @@ CHANGE_TASK = f"""
         RETURNING id
     ),
     successor_tagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag)
-        SELECT :successor_id, :user_id, key FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        INSERT INTO task_tags (task_id, user_id, tag, created_at)
+        SELECT :successor_id, :user_id, key, :now FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
         WHERE :set_tags AND EXISTS (SELECT 1 FROM successor)
         UNION ALL
-        SELECT :successor_id, :user_id, tag FROM task_tags
+        SELECT :successor_id, :user_id, tag, :now FROM task_tags
         WHERE task_id = :id AND user_id = :user_id AND NOT :set_tags AND EXISTS (SELECT 1 FROM successor)
     )
     SELECT verdict.refused, changed.* FROM verdict LEFT JOIN changed ON TRUE
@@ -792,7 +795,7 @@ DELETE_AND_UNCOUNT_TASK = f"""
 # Each filter is off when its parameter is NULL. The CASTs give PostgreSQL the parameter's type,
 # which `:x IS NULL` alone does not; SQLite accepts them unchanged. The instants compared are
 # due_at and remind_at, in the fixed timestamp format, so text comparison is time order.
-LIST_FILTER = """
+TASK_FILTER = """
       AND (CAST(:completed AS BOOLEAN) IS NULL OR completed = :completed)
       AND (CAST(:pattern AS TEXT) IS NULL
            OR lower(title) LIKE :pattern ESCAPE '!'
@@ -804,12 +807,19 @@ LIST_FILTER = """
            OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
       AND (CAST(:reminder_due AS BOOLEAN) IS NULL
            OR (COALESCE(remind_at <= :now, FALSE) AND NOT completed) = :reminder_due)
-""" + "".join(
-    # Tags after the first (which drives LIST_TAGGED_TASKS): every one must be there.
-    f"      AND (CAST(:tag_{n} AS TEXT) IS NULL\n"
-    f"           OR id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_{n}))\n"
-    for n in range(2, MAX_TAGS + 1)
-)
+"""
+
+
+def more_tags(task_id: str) -> str:
+    """Every tag after the first (which the statements below start from) must be there too."""
+    return "".join(
+        f"      AND (CAST(:tag_{n} AS TEXT) IS NULL\n"
+        f"           OR {task_id} IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_{n}))\n"
+        for n in range(2, MAX_TAGS + 1)
+    )
+
+
+WITH_FIRST_TAG = "id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1)"
 
 # How each sort orders, from fixed text (never from the request); ties are broken by id, so paging
 # never repeats or skips. Tasks without a due date come last in either order.
@@ -822,47 +832,61 @@ SORTS = {
 }
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
-# One statement per (sort, order) and kind of list. Unfiltered, the total is the user's task_count.
-# Filtered, a window count (one round trip, though it reads every match). With a tag, the list
-# starts from that tag's index entries, so it reads only the tasks that have it.
-LIST_ALL_TASKS = {
-    (sort, order): f"""
-        SELECT {TASK_COLUMNS}, (SELECT task_count FROM users WHERE id = :user_id) AS total_count FROM tasks
-        WHERE user_id = :user_id
+# A list is one statement: the total (X-Total-Count) beside the page, so that a page past the end
+# still has its total. The total of an unfiltered list is the user's task_count; of a list filtered
+# by tags alone, a count of task_tags' index entries; otherwise a count of the matching tasks, which
+# costs in proportion to them.
+TOTALS = {
+    "all": "SELECT task_count AS total_count FROM users WHERE id = :user_id",
+    "tags": f"""
+        SELECT COUNT(*) AS total_count FROM task_tags
+        WHERE user_id = :user_id AND tag = :tag_1 {more_tags("task_id")}
+    """,
+    "matching": f"SELECT COUNT(*) AS total_count FROM tasks WHERE user_id = :user_id {TASK_FILTER}",
+    "tagged": f"""
+        SELECT COUNT(*) AS total_count FROM tasks
+        WHERE user_id = :user_id AND {WITH_FIRST_TAG} {more_tags("id")} {TASK_FILTER}
+    """,
+}
+PAGES = {
+    "all": "SELECT {columns} FROM tasks WHERE user_id = :user_id ORDER BY {sort} LIMIT :limit OFFSET :offset",
+    "matching": f"""
+        SELECT {{columns}} FROM tasks WHERE user_id = :user_id {TASK_FILTER}
+        ORDER BY {{sort}} LIMIT :limit OFFSET :offset
+    """,
+    "tagged": f"""
+        SELECT {{columns}} FROM tasks WHERE user_id = :user_id AND {WITH_FIRST_TAG} {more_tags("id")} {TASK_FILTER}
+        ORDER BY {{sort}} LIMIT :limit OFFSET :offset
+    """,
+    # Tags alone, newest or oldest first (a tag view's default): the page's ids come from task_tags'
+    # index on (user_id, tag, created_at), so only the page's tasks are read, however many have the tag.
+    "tags by created_at": f"""
+        SELECT {{columns}} FROM tasks WHERE user_id = :user_id AND id IN (
+            SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1 {more_tags("task_id")}
+            ORDER BY created_at {{direction}}, task_id {{direction}} LIMIT :limit OFFSET :offset
+        )
+        ORDER BY {{sort}}
+    """,
+}
+LIST_KINDS = {  # (total, page) for: no filter, tags alone sorted by created_at, tags alone, filters
+    "all": ("all", "all"),
+    "tags by created_at": ("tags", "tags by created_at"),
+    "tags": ("tags", "tagged"),
+    "tagged": ("tagged", "tagged"),
+    "matching": ("matching", "matching"),
+}
+LIST_TASKS = {
+    (kind, sort, order): f"""
+        SELECT total.total_count, page.* FROM ({TOTALS[total]}) AS total
+        LEFT JOIN ({
+        PAGES[page].format(columns=f"{TASK_COLUMNS}, due_at", sort=sql.format(direction), direction=direction)
+    }) AS page ON TRUE
         ORDER BY {sql.format(direction)}
-        LIMIT :limit OFFSET :offset
     """
+    for kind, (total, page) in LIST_KINDS.items()
     for sort, sql in SORTS.items()
     for order, direction in SORT_ORDERS.items()
 }
-
-LIST_MATCHING_TASKS = {
-    (sort, order): f"""
-        SELECT {TASK_COLUMNS}, COUNT(*) OVER () AS total_count FROM tasks
-        WHERE user_id = :user_id {LIST_FILTER}
-        ORDER BY {sql.format(direction)}
-        LIMIT :limit OFFSET :offset
-    """
-    for sort, sql in SORTS.items()
-    for order, direction in SORT_ORDERS.items()
-}
-
-TAGGED = "id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1)"
-
-LIST_TAGGED_TASKS = {
-    (sort, order): f"""
-        SELECT {TASK_COLUMNS}, COUNT(*) OVER () AS total_count FROM tasks
-        WHERE user_id = :user_id AND {TAGGED} {LIST_FILTER}
-        ORDER BY {sql.format(direction)}
-        LIMIT :limit OFFSET :offset
-    """
-    for sort, sql in SORTS.items()
-    for order, direction in SORT_ORDERS.items()
-}
-
-# Needed only when a page past the end comes back empty and so carries no total.
-COUNT_MATCHING_TASKS = f"SELECT COUNT(*) AS total FROM tasks WHERE user_id = :user_id {LIST_FILTER}"
-COUNT_TAGGED_TASKS = f"SELECT COUNT(*) AS total FROM tasks WHERE user_id = :user_id AND {TAGGED} {LIST_FILTER}"
 
 # ---------------------------------------------------------------------------------------------------
 # Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
@@ -1129,7 +1153,7 @@ def aliased(params, name: str, alias: str, errors: list) -> str | None:
 
 
 def escape_like(text: str) -> str:
-    """Make % and _ match themselves: '!' is the ESCAPE character in LIST_FILTER."""
+    """Make % and _ match themselves: '!' is the ESCAPE character in TASK_FILTER."""
     return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
@@ -1183,13 +1207,11 @@ def parse_list_query(params) -> dict:
         "offset": offset,
     }
     filtered = any(values[name] is not None for name in ("completed", "pattern", *moments, "overdue", "reminder_due"))
-    if tag_keys:
-        statement, count_statement = LIST_TAGGED_TASKS[(sort, order)], COUNT_TAGGED_TASKS
-    elif filtered or priorities:
-        statement, count_statement = LIST_MATCHING_TASKS[(sort, order)], COUNT_MATCHING_TASKS
+    if tag_keys and not filtered and not priorities:
+        kind = "tags by created_at" if sort == "created_at" else "tags"
     else:
-        statement, count_statement = LIST_ALL_TASKS[(sort, order)], USER_TASK_COUNT
-    return {"statement": statement, "count_statement": count_statement, "values": values}
+        kind = "tagged" if tag_keys else "matching" if filtered or priorities else "all"
+    return {"statement": LIST_TASKS[(kind, sort, order)], "values": values}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1238,13 +1260,8 @@ async def list_tasks(request: Request, envelope: bool) -> Response:
     if values["completed"] == "conflict":
         return reply([], envelope, headers={"X-Total-Count": "0"})
     rows = await database.fetch(query["statement"], values)
-    if rows:
-        total = rows[0]["total_count"]
-    elif values["offset"]:
-        counted = await database.fetch(query["count_statement"], values)
-        total = counted[0]["total"] if counted else 0
-    else:
-        total = 0
+    total = rows[0]["total_count"] if rows else 0  # no row: the user has never had a task
+    rows = [row for row in rows if row["id"] is not None]  # a page past the end is one row, all NULL
     return reply([task_json(row) for row in rows], envelope, headers={"X-Total-Count": str(total)})
 
 
@@ -1267,7 +1284,7 @@ async def create_task(request: Request, envelope: bool) -> Response:
             if rows:
                 rows = await run(INSERT_TASK, values)
                 for tag in fields["tag_keys"]:
-                    await run(INSERT_TASK_TAG, {**values, "tag": tag})
+                    await run(INSERT_TASK_TAG, {**values, "tag": tag, "created_at": values["now"]})
     if not rows:
         raise task_limit_reached()
     location = f"{quote(request.url.path)}/{rows[0]['id']}"
@@ -1343,7 +1360,7 @@ async def change_task_in_sqlite(run, values: dict, fields: dict, flip: bool) -> 
     if "tag_keys" in fields:
         await run(DELETE_TASK_TAGS, values)
         for tag in fields["tag_keys"]:
-            await run(INSERT_TASK_TAG, {**values, "tag": tag})
+            await run(INSERT_TASK_TAG, {**values, "tag": tag, "created_at": old["created_at"]})
     if recurs:
         successor = {**new, **next_occurrence(new), "id": values["successor_id"], "completed": False}
         await run(INSERT_TASK, {**values, **successor})

@@ -1873,6 +1873,7 @@ LIST_CASES = [
     ({"tag": ["WORK", "urgent"]}, {"past-time"}),
     ({"tag": ["home", "urgent", "work"]}, set()),
     ({"tag": "nobody"}, set()),
+    ({"tag": "WORK", "sort": "due_date", "order": "asc"}, {"past-date", "past-time", "done-past"}),
     ({"due_before": "2020-06-01T12:00:00Z"}, {"past-date", "done-past"}),
     ({"due_before": "2020-01-01"}, {"done-past"}),  # before that day
     ({"due_after": "2020-01-01"}, {"past-time", "today-end", "future"}),  # after that day
@@ -1897,6 +1898,18 @@ async def test_list_filters_by_the_new_fields_with_an_exact_total(client, family
     assert (await listing(client, family, limit=1, offset=1, **params))[1] == len(expected)  # on any page
     assert await listing(client, family, offset=50, **params) == ([], len(expected))
     assert all(t["user_id"] == "alice" for t in tasks.values())
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_a_tag_view_pages_in_created_at_order_without_repeats(client, family, order):
+    tagged = [await create(client, family=family, title=f"t{i}", tags=["x", "y"] if i % 2 else ["X"]) for i in range(7)]
+    await create(client, family=family, title="untagged")
+    expected = [t["id"] for t in sorted(tagged, key=lambda t: (t["created_at"], t["id"]), reverse=order == "desc")]
+    pages = [await listing(client, family, tag="x", order=order, limit=3, offset=o) for o in (0, 3, 6, 9)]
+    assert [t["id"] for page, _ in pages for t in page] == expected
+    assert {total for _, total in pages} == {7}
+    both, total = await listing(client, family, tag=["x", "Y"], order=order)
+    assert [t["id"] for t in both] == [i for i in expected if i in {t["id"] for t in tagged[1::2]}] and total == 3
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
