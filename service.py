@@ -34,9 +34,11 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import aiosqlite
-import asyncpg
 import h11
 import jwt
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHeaders
@@ -146,7 +148,7 @@ def configure_logging() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Database: PostgreSQL through asyncpg's pool, or one shared SQLite connection through aiosqlite.
+# Database: PostgreSQL through psycopg's pool, or one shared SQLite connection through aiosqlite.
 # Both offer the same three things: fetch(sql, values) for one statement, transaction() for several,
 # and connection(), the one place every statement starts.
 
@@ -154,34 +156,48 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 
 
 class PostgreSQL:
+    """psycopg's pool, in autocommit: one statement is one round trip (its parameters travel with it,
+    so nothing waits on a separate prepare), and a connection needs nothing sent when it goes back to
+    the pool: the service keeps no session state on one (no SET, no LISTEN, no cursor; its one
+    advisory lock is transaction-scoped)."""
+
     dialect = "postgresql"
 
     def __init__(self, url: str, pooled: bool) -> None:
-        # asyncpg reads the URL itself (sslmode included); the pool's size is ours to take out of it.
+        # libpq reads the URL itself (sslmode included); the pool's size is ours to take out of it.
         parts = urlsplit(url)
         query = parse_qsl(parts.query)
-        self.sizes = {name: int(value) for name, value in query if name in ("min_size", "max_size")}
-        self.dsn = parts._replace(query=urlencode([(k, v) for k, v in query if k not in self.sizes])).geturl()
+        sizes = {name: int(value) for name, value in query if name in ("min_size", "max_size")}
+        self.min_size, self.max_size = sizes.get("min_size", 10), sizes.get("max_size", 10)
+        self.conninfo = parts._replace(query=urlencode([(k, v) for k, v in query if k not in sizes])).geturl()
         self.pooled = pooled
-        self.pool: asyncpg.Pool | None = None
+        self.pool: psycopg_pool.AsyncConnectionPool | None = None
 
     async def connect(self) -> None:
-        self.pool = await asyncpg.create_pool(
-            self.dsn,
-            **self.sizes,
-            timeout=DATABASE_CONNECT_TIMEOUT_SECONDS,
-            command_timeout=DATABASE_COMMAND_TIMEOUT_SECONDS,
-            # PgBouncer in transaction mode may run each transaction on another server connection,
-            # where a statement asyncpg prepared earlier does not exist: so asyncpg must keep none.
-            statement_cache_size=0 if self.pooled else 100,
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            self.conninfo,
+            min_size=self.min_size,
+            max_size=max(self.min_size, self.max_size),
+            timeout=DATABASE_CONNECT_TIMEOUT_SECONDS,  # the longest wait for a connection
+            open=False,
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "connect_timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
+                # PgBouncer in transaction mode may run each statement on another server connection,
+                # where a statement prepared earlier does not exist: so none is prepared there.
+                # Directly, each statement is prepared on its first use on a connection.
+                "prepare_threshold": None if self.pooled else 0,
+            },
         )
+        await self.pool.open(wait=True, timeout=DATABASE_CONNECT_TIMEOUT_SECONDS)
 
     async def disconnect(self) -> None:
         await self.pool.close()
 
     @asynccontextmanager
     async def connection(self):
-        async with self.pool.acquire() as connection:
+        async with self.pool.connection() as connection:
             yield connection
 
     async def fetch(self, sql: str, values: dict | None = None) -> list:
@@ -194,9 +210,10 @@ class PostgreSQL:
             yield functools.partial(self.run, connection)
 
     @staticmethod
-    async def run(connection: asyncpg.Connection, sql: str, values: dict | None) -> list:
-        text, names = driver_sql(sql)
-        return await connection.fetch(text, *[values[name] for name in names])
+    async def run(connection: psycopg.AsyncConnection, sql: str, values: dict | None) -> list:
+        async with asyncio.timeout(DATABASE_COMMAND_TIMEOUT_SECONDS):
+            cursor = await connection.execute(driver_sql(sql), values or {})
+            return await cursor.fetchall() if cursor.description else []
 
 
 class SQLite:
@@ -308,25 +325,20 @@ async def version_before_schema_version(run, dialect: str) -> int:
     return 0 if not columns else 2 if "task_count" in columns else 1
 
 
-SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
+SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|%|(?<!\w):(\w+)")
 
 
 @functools.cache
-def driver_sql(sql: str) -> tuple[str, tuple[str, ...]]:
-    """A statement with :name parameters as asyncpg takes it ($1, $2, ..., one number per name
-    however often it is used), and the parameter order. sqlite3 binds :name itself. Quoted literals
-    and :: casts are left as they are."""
-    names: list[str] = []
+def driver_sql(sql: str) -> str:
+    """A statement with :name parameters as psycopg takes it, %(name)s; sqlite3 binds :name itself.
+    A % of the SQL's own (in a literal or not) is doubled, and :: casts are left as they are."""
 
-    def numbered(match: re.Match) -> str:
-        name = match.group(1)
-        if name is None:  # a literal or a cast
-            return match.group(0)
-        if name not in names:
-            names.append(name)
-        return f"${names.index(name) + 1}"
+    def translated(match: re.Match) -> str:
+        if match.group(1) is not None:
+            return f"%({match.group(1)})s"
+        return match.group(0).replace("%", "%%")
 
-    return SQL_LITERAL_OR_PARAMETER.sub(numbered, sql), tuple(names)
+    return SQL_LITERAL_OR_PARAMETER.sub(translated, sql)
 
 
 def utc_now() -> str:
@@ -1438,10 +1450,9 @@ def is_database_outage(exc: Exception) -> bool:
 
 DATABASE_OUTAGES = (
     OSError,  # refused, reset, unreachable, and TimeoutError (connect and command timeouts)
-    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
-    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutting down, starting up, cancelled
-    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections
-    asyncpg.InterfaceError,  # the connection closed under us
+    psycopg.OperationalError,  # SQLSTATE classes 08, 53, 57: connection, resources, shutting down
+    psycopg.InterfaceError,  # the connection closed under us
+    psycopg_pool.PoolTimeout,  # no connection could be had within the connect timeout
 )
 
 

@@ -35,6 +35,7 @@ import asyncpg
 import httpx
 import hypothesis
 import jwt
+import psycopg
 import pytest
 import schemathesis
 from cryptography.hazmat.primitives import serialization
@@ -1393,7 +1394,7 @@ async def test_the_task_cap_is_exact_under_concurrent_creates(client):
     )
     assert sorted(r.status_code for r in responses) == [201] * 10 + [409] * 20
     assert len(await task_rows(client, "alice")) == 10
-    assert (await client.database.fetch("SELECT task_count FROM users WHERE id = 'alice'"))[0][0] == 10
+    assert (await client.database.fetch("SELECT task_count FROM users WHERE id = 'alice'"))[0]["task_count"] == 10
 
 
 ALLOWED_ORIGIN = {"Origin": "http://localhost:3000"}
@@ -2231,7 +2232,7 @@ async def test_a_database_of_an_earlier_release_is_upgraded_at_start_keeping_eve
             )
             assert created.status_code == 201
             assert (await http.get("/api/tasks", params={"tag": "x"}, headers=auth())).headers["x-total-count"] == "1"
-            assert (await app.state.database.fetch("SELECT version FROM schema_version"))[0][0] == 3
+            assert (await app.state.database.fetch("SELECT version FROM schema_version"))[0]["version"] == 3
             await http.delete(f"/api/tasks/{created.json()['data']['id']}", headers=auth())
 
 
@@ -2296,7 +2297,7 @@ async def test_deleting_a_user_deletes_their_tasks(client):
 )
 async def test_the_schema_rejects_what_validation_rejects(client, column, value):
     task = await create(client)
-    with pytest.raises((sqlite3.IntegrityError, asyncpg.CheckViolationError)):
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.CheckViolation)):
         await client.database.fetch(
             f"UPDATE tasks SET {column} = :value WHERE id = :id", {"value": value, "id": task["id"]}
         )
@@ -2461,12 +2462,13 @@ def test_pgbouncer_mode_follows_neons_pooled_host_names_unless_set(tmp_path, set
 
 
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
-async def test_sslmode_in_the_url_reaches_the_driver(database):
+async def test_sslmode_in_the_url_reaches_the_driver(database, caplog):
     # The test server has no TLS: sslmode=require must refuse it, not quietly connect in the clear.
     separator = "&" if "?" in database.url else "?"
     required = service.open_database(database.url + separator + "sslmode=require")
-    with pytest.raises((ConnectionError, asyncpg.PostgresError, OSError)):
+    with pytest.raises(psycopg.OperationalError):
         await required.connect()
+    assert "server does not support SSL, but SSL was required" in caplog.text
     disabled = service.open_database(database.url + separator + "sslmode=disable")
     await disabled.connect()
     await disabled.disconnect()
@@ -2592,11 +2594,14 @@ async def test_a_connection_failure_is_503_database_unavailable(client, monkeypa
 
 class TcpProxy:
     """127.0.0.1:port -> the database. `cut()` drops every connection and refuses new ones, as a
-    stopped server or a broken network does; `restore()` opens the port again."""
+    stopped server or a broken network does; `restore()` opens the port again. `round_trips` counts
+    the trips across it: a message from client to server after traffic the other way starts one
+    (so, with requests sent one at a time, the difference across a request is that request's)."""
 
     def __init__(self, host: str, port: int):
         self.target, self.port, self.server, self.streams = (host, port), free_port(), None, set()
         self.frozen = False  # True: bytes are swallowed, as by a hung server or a silent network
+        self.round_trips, self.last_direction = 0, "down"
 
     async def restore(self):
         self.server = await asyncio.start_server(self.pipe, "127.0.0.1", self.port)
@@ -2615,9 +2620,12 @@ class TcpProxy:
             return
         self.streams |= {client_writer, server_writer}
 
-        async def copy(reader, writer):
+        async def copy(reader, writer, direction):
             try:
                 while data := await reader.read(65536):
+                    if direction == "up" and self.last_direction == "down":
+                        self.round_trips += 1
+                    self.last_direction = direction
                     if not self.frozen:
                         writer.write(data)
                         await writer.drain()
@@ -2625,7 +2633,7 @@ class TcpProxy:
                 pass  # the other side is gone: so is this one
             writer.transport.abort()
 
-        await asyncio.gather(copy(client_reader, server_writer), copy(server_reader, client_writer))
+        await asyncio.gather(copy(client_reader, server_writer, "up"), copy(server_reader, client_writer, "down"))
 
 
 def through(proxy: TcpProxy, url: str) -> str:
@@ -2633,6 +2641,61 @@ def through(proxy: TcpProxy, url: str) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
     return parts._replace(netloc=netloc).geturl()
+
+
+def one_of_each_endpoint(tasks: dict) -> list[tuple[str, str, str, dict | None, int]]:
+    """(name, method, url, body, status) for every endpoint and every kind of statement behind one,
+    on the tasks made by `tasks` (a plain one, a recurring one, one to delete)."""
+    plain, recurring, doomed = tasks["plain"], tasks["recurring"], tasks["doomed"]
+    return [
+        ("health", "GET", "/health", None, 200),
+        ("list", "GET", "/api/tasks", None, 200),
+        ("list, filtered", "GET", "/api/tasks?status=pending&priority=high&sort=due_date", None, 200),
+        ("list, one tag", "GET", "/api/tasks?tag=work", None, 200),
+        ("list, tags and a filter", "GET", "/api/tasks?tag=work&tag=home&overdue=false&sort=priority", None, 200),
+        ("list, past the end", "GET", "/api/tasks?offset=1000", None, 200),
+        ("create", "POST", "/api/tasks", {"title": "new", "tags": ["work"], "due_date": "2026-01-16"}, 201),
+        ("get", "GET", f"/api/tasks/{plain['id']}", None, 200),
+        ("put", "PUT", f"/api/tasks/{plain['id']}", {"title": "renamed", "tags": ["home"]}, 200),
+        ("patch", "PATCH", f"/api/tasks/{plain['id']}", {"priority": "low"}, 200),
+        ("complete", "PATCH", f"/api/tasks/{plain['id']}/complete", None, 200),
+        ("toggle", "PATCH", f"/api/tasks/{plain['id']}/toggle", {"completed": False}, 200),
+        ("complete a recurring task", "PATCH", f"/api/tasks/{recurring['id']}/complete", None, 200),
+        ("delete", "DELETE", f"/api/tasks/{doomed['id']}", None, 204),
+        ("missing task", "GET", f"/api/tasks/{uuid.uuid4()}", None, 404),
+    ]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+async def test_every_endpoint_is_one_database_round_trip(database, verifier):
+    """Counts, through a proxy, the round trips each request makes to the database: checkout, the
+    statement, and the connection's return to the pool. One connection, so that the counted pass
+    finds every statement prepared by the pass before it, as a warm pool does."""
+    target = urlsplit(database.url)
+    proxy = TcpProxy(target.hostname, target.port)
+    await proxy.restore()
+    url = through(proxy, database.url)
+    app = service.create_app(url + ("&" if "?" in url else "?") + "min_size=1&max_size=1", verifier, database.pooled)
+    async with app.router.lifespan_context(app), asgi_client(app) as http:
+        await app.state.database.fetch("DELETE FROM users")
+        counted = {}
+        for _ in range(2):  # the first pass warms the connection up; the second is counted
+            tasks = {}
+            for name, fields in [
+                ("plain", {"tags": ["work"]}),
+                ("recurring", {"due_date": "2026-01-31", "recurrence": "monthly"}),
+                ("doomed", {}),
+            ]:
+                tasks[name] = (await http.post("/api/tasks", json={"title": name, **fields}, headers=auth())).json()[
+                    "data"
+                ]
+            for name, method, path, body, status in one_of_each_endpoint(tasks):
+                before = proxy.round_trips
+                response = await http.request(method, path, json=body, headers=auth())
+                assert response.status_code == status, (name, response.text)
+                counted[name] = proxy.round_trips - before
+        assert counted == {name: 1 for name in counted}
+    await proxy.cut()
 
 
 @pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
@@ -2683,7 +2746,9 @@ async def test_a_database_that_stops_answering_is_503_within_the_timeouts(databa
     async with app.router.lifespan_context(app), asgi_client(app) as http:
         assert (await http.get("/api/tasks", headers=auth())).status_code == 200
         proxy.frozen = True  # connections stay open and new ones are accepted, but nothing answers
-        with anyio.fail_after(6):
+        # psycopg, cancelled by the command timeout, asks the server to cancel the query and waits for
+        # it (at most 5 + 5 seconds) before it gives the connection up.
+        with anyio.fail_after(2 * (service.DATABASE_COMMAND_TIMEOUT_SECONDS + 11)):
             for request in [http.get("/api/tasks", headers=auth()), http.get("/health")]:
                 assert (await request).status_code == 503
         proxy.frozen = False
@@ -2735,8 +2800,8 @@ async def test_200_concurrent_creates_by_two_users_keep_every_row_and_owner(clie
     for user in ("alice", "bob"):
         rows = await task_rows(client, user)
         assert sorted(row["title"] for row in rows) == sorted(f"{user} {i}" for i in range(100))
-    assert (await client.database.fetch("SELECT COUNT(*) FROM tasks"))[0][0] == 200
-    assert (await client.database.fetch("SELECT COUNT(*) FROM users"))[0][0] == 2
+    assert (await client.database.fetch("SELECT COUNT(*) AS n FROM tasks"))[0]["n"] == 200
+    assert (await client.database.fetch("SELECT COUNT(*) AS n FROM users"))[0]["n"] == 2
     assert await task_counts(client) == {"alice": (100, 100), "bob": (100, 100)}
 
 
