@@ -7,7 +7,7 @@
 PostgreSQL is started the way the test suite starts it, or taken from BENCH_DATABASE_URL (its tasks
 and users tables are emptied). The service runs as a real one-worker `uvicorn service:app` process.
 The floor is a bare ASGI callable (below) under the same uvicorn: it verifies the same JWT and runs the
-same SQL text from service.py with asyncpg directly, with no framework. The load
+same SQL text from service.py with psycopg directly (the service's driver), with no framework. The load
 generator runs in its own process and speaks HTTP/1.1 over raw keep-alive sockets.
 """
 
@@ -26,14 +26,17 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 SECRET = "bench-secret-" + "0123456789abcdef" * 3
 os.environ.setdefault("BETTER_AUTH_SECRET", SECRET)
 os.environ["BETTER_AUTH_SECRET"] = SECRET
 
-import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import jwt  # noqa: E402
+import psycopg  # noqa: E402
+import psycopg_pool  # noqa: E402
+from psycopg.rows import dict_row  # noqa: E402
 from starlette.datastructures import QueryParams  # noqa: E402
 
 import service  # noqa: E402
@@ -47,24 +50,14 @@ MIX = ("list", "get", "list", "get", "create", "toggle", "get", "update", "list"
 EXPECTED_STATUS = {"list": 200, "get": 200, "create": 201, "toggle": 200, "update": 200, "delete": 204}
 
 # ---------------------------------------------------------------------------------------------------
-# The floor: the same work as the service's handlers, with nothing between uvicorn and asyncpg.
+# The floor: the same work as the service's handlers, with nothing between uvicorn and psycopg.
 
 
-class FloorStatement:
-    """A statement of service.py's, as asyncpg takes it ($1, $2 ...), translated once."""
-
-    def __init__(self, sql: str):
-        self.sql, self.names = service.driver_sql(sql)
-
-    def args(self, **values):
-        return [values[name] for name in self.names]
-
-
-FLOOR_LIST = FloorStatement(service.LIST_TASKS[("all", "created_at", "desc")])
-FLOOR_SELECT = FloorStatement(service.SELECT_TASK)
-FLOOR_CREATE = FloorStatement(service.CREATE_TASK)
-FLOOR_CHANGE = FloorStatement(service.CHANGE_TASK)
-FLOOR_DELETE = FloorStatement(service.DELETE_AND_UNCOUNT_TASK)
+FLOOR_LIST = service.driver_sql(service.LIST_TASKS[("all", "created_at", "desc")])
+FLOOR_SELECT = service.driver_sql(service.SELECT_TASK)
+FLOOR_CREATE = service.driver_sql(service.CREATE_TASK)
+FLOOR_CHANGE = service.driver_sql(service.CHANGE_TASK)
+FLOOR_DELETE = service.driver_sql(service.DELETE_AND_UNCOUNT_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
 NO_CHANGE = {
     **{f"set_{name}": False for name in service.TASK_FIELDS},
@@ -93,15 +86,17 @@ def floor_task(row) -> dict:
     }
 
 
-async def no_reset(connection) -> None:
-    """Nothing to reset: no statement here leaves session state behind (as in service.py)."""
-
-
 async def floor(scope, receive, send):
     """The bare ASGI app: `uvicorn bench:floor`."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
-            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], reset=no_reset)
+            floor.pool = psycopg_pool.AsyncConnectionPool(
+                os.environ["DATABASE_URL"],
+                min_size=10,
+                open=False,
+                kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+            )
+            await floor.pool.open(wait=True)
             await send({"type": "lifespan.startup.complete"})
         await floor.pool.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -135,29 +130,33 @@ async def floor_handle(scope, body: bytes):
     if route is None or route.group(1) != claims["sub"]:
         return 404, {"detail": "Not Found"}
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
-    pool = floor.pool
     if task_id is None and method == "GET":
-        rows = await pool.fetch(FLOOR_LIST.sql, *FLOOR_LIST.args(user_id=user_id, limit=50, offset=0))
+        rows = await floor_fetch(FLOOR_LIST, user_id=user_id, limit=50, offset=0)
         return 200, [floor_task(row) for row in rows]
     if task_id is None:
         values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip(), "tag_keys": "[]"}
         values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
-        row = await pool.fetchrow(FLOOR_CREATE.sql, *FLOOR_CREATE.args(**values))
+        [row] = await floor_fetch(FLOOR_CREATE, **values)
         return 201, floor_task(row)
     if method == "GET":
-        row = await pool.fetchrow(FLOOR_SELECT.sql, *FLOOR_SELECT.args(id=task_id, user_id=user_id))
+        rows = await floor_fetch(FLOOR_SELECT, id=task_id, user_id=user_id)
     elif method in ("PATCH", "PUT"):
         change = (
             {"flip": True} if method == "PATCH" else {"set_title": True, "title": json.loads(body)["title"].strip()}
         )
         values = {**NO_CHANGE, **change, "id": task_id, "user_id": user_id, "now": now}
         values |= {"successor_id": str(uuid.uuid4()), "max_tasks": 10_000}
-        row = await pool.fetchrow(FLOOR_CHANGE.sql, *FLOOR_CHANGE.args(**values))
-        row = None if row is None or row["id"] is None else row
+        rows = [row for row in await floor_fetch(FLOOR_CHANGE, **values) if row["id"] is not None]
     else:
-        row = await pool.fetchrow(FLOOR_DELETE.sql, *FLOOR_DELETE.args(id=task_id, user_id=user_id))
-        return (404, {"detail": "Task not found"}) if row is None else (204, None)
-    return (404, {"detail": "Task not found"}) if row is None else (200, floor_task(row))
+        rows = await floor_fetch(FLOOR_DELETE, id=task_id, user_id=user_id)
+        return (204, None) if rows else (404, {"detail": "Task not found"})
+    return (200, floor_task(rows[0])) if rows else (404, {"detail": "Task not found"})
+
+
+async def floor_fetch(sql: str, **values) -> list:
+    async with floor.pool.connection() as connection:
+        cursor = await connection.execute(sql, values)
+        return await cursor.fetchall()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -179,16 +178,10 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
     await db.connect()
     await service.apply_schema(db)  # the same schema the service applies
     await db.disconnect()
-    connection = await asyncpg.connect(url)
-    try:
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
         await connection.execute("TRUNCATE users, tasks, task_tags")
         now = service.utc_now()
         owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
-        await connection.copy_records_to_table(
-            "users",
-            records=[(u, None, now, tasks_per_user) for u in owned],
-            columns=["id", "email", "created_at", "task_count"],
-        )
 
         def due(i: int) -> tuple:
             if i % 3 == 2:
@@ -196,26 +189,18 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
             moment = service.stamp(datetime(2026, 1, 1) + timedelta(minutes=37 * i))
             return (moment[:10], moment[:10] + "T23:59:59.999999Z") if i % 3 == 0 else (moment, moment)
 
-        rows = (
-            (
-                task_id,
-                user,
-                f"task {i} of {user}",
-                None,
-                i % 3 == 0,
-                now,
-                now,
-                i % 3 + 1,
-                f'["tag-{i % TAG_POOL}"]',
-                *due(i),
-            )
-            for user, ids in owned.items()
-            for i, task_id in enumerate(ids)
+        async def copy(table: str, columns: list[str], rows) -> None:
+            cursor = connection.cursor()
+            async with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copying:
+                for row in rows:
+                    await copying.write_row(row)
+
+        await copy(
+            "users", ["id", "email", "created_at", "task_count"], ((u, None, now, tasks_per_user) for u in owned)
         )
-        await connection.copy_records_to_table(
+        await copy(
             "tasks",
-            records=rows,
-            columns=[
+            [
                 "id",
                 "user_id",
                 "title",
@@ -228,19 +213,34 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
                 "due_date",
                 "due_at",
             ],
+            (
+                (
+                    task_id,
+                    user,
+                    f"task {i} of {user}",
+                    None,
+                    i % 3 == 0,
+                    now,
+                    now,
+                    i % 3 + 1,
+                    f'["tag-{i % TAG_POOL}"]',
+                    *due(i),
+                )
+                for user, ids in owned.items()
+                for i, task_id in enumerate(ids)
+            ),
         )
-        await connection.copy_records_to_table(
+        await copy(
             "task_tags",
-            records=(
+            ["task_id", "user_id", "tag", "created_at"],
+            (
                 (task_id, user, f"tag-{i % TAG_POOL}", now)
                 for user, ids in owned.items()
                 for i, task_id in enumerate(ids)
             ),
-            columns=["task_id", "user_id", "tag", "created_at"],
         )
-        await connection.execute("ANALYZE users; ANALYZE tasks; ANALYZE task_tags")
-    finally:
-        await connection.close()
+        # As autovacuum leaves a table in use: statistics, and the visibility map (index-only scans).
+        await connection.execute("VACUUM ANALYZE users, tasks, task_tags")
     return owned
 
 
@@ -263,6 +263,22 @@ async def read_response(reader) -> tuple[int, bytes]:
     return status, body
 
 
+def endpoint_request(endpoint: str, user: str, ids: list[str], bearer: str, step: int) -> bytes:
+    """The HTTP request for one of ENDPOINTS, on the user's own tasks (a delete takes the last)."""
+    base = f"/api/{user}/tasks"
+    if endpoint == "list":
+        return request_bytes("GET", base + "?limit=50", bearer)
+    if endpoint == "create":
+        return request_bytes("POST", base, bearer, b'{"title": "benchmark task"}')
+    if endpoint == "get":
+        return request_bytes("GET", f"{base}/{ids[step % len(ids)]}", bearer)
+    if endpoint == "toggle":
+        return request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}/toggle", bearer)
+    if endpoint == "update":
+        return request_bytes("PUT", f"{base}/{ids[step % len(ids)]}", bearer, b'{"title": "renamed"}')
+    return request_bytes("DELETE", f"{base}/{ids.pop()}", bearer)
+
+
 async def drive_connection(port, owned, tokens, stop_at, record):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     users, step = list(owned), 0
@@ -270,21 +286,10 @@ async def drive_connection(port, owned, tokens, stop_at, record):
         while time.perf_counter() < stop_at:
             user, endpoint = users[step % len(users)], MIX[step % len(MIX)]
             step += 1
-            ids, base = owned[user], f"/api/{user}/tasks"
+            ids = owned[user]
             if endpoint != "create" and endpoint != "list" and not ids:
                 endpoint = "create"
-            if endpoint == "list":
-                message = request_bytes("GET", base + "?limit=50", tokens[user])
-            elif endpoint == "create":
-                message = request_bytes("POST", base, tokens[user], b'{"title": "benchmark task"}')
-            elif endpoint == "get":
-                message = request_bytes("GET", f"{base}/{ids[step % len(ids)]}", tokens[user])
-            elif endpoint == "toggle":
-                message = request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}/toggle", tokens[user])
-            elif endpoint == "update":
-                message = request_bytes("PUT", f"{base}/{ids[step % len(ids)]}", tokens[user], b'{"title": "renamed"}')
-            else:
-                message = request_bytes("DELETE", f"{base}/{ids.pop()}", tokens[user])
+            message = endpoint_request(endpoint, user, ids, tokens[user], step)
             started = time.perf_counter()
             writer.write(message)
             status, body = await read_response(reader)
@@ -293,6 +298,39 @@ async def drive_connection(port, owned, tokens, stop_at, record):
                 ids.append(json.loads(body)["id"])
     finally:
         writer.close()
+
+
+async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips) -> dict:
+    """Each endpoint `rounds` times, one request at a time: its latencies, and the round trips to the
+    database each request made (read from the delay proxy's counter)."""
+    user = next(iter(owned))
+    ids, bearer = owned[user], token(user)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    report = {}
+    try:
+        for endpoint in ENDPOINTS:
+            latencies, trips = [], []
+            for step in range(rounds):
+                message = endpoint_request(endpoint, user, ids, bearer, step)
+                before = round_trips.value if round_trips else 0
+                started = time.perf_counter()
+                writer.write(message)
+                status, body = await read_response(reader)
+                latencies.append((time.perf_counter() - started) * 1000)
+                trips.append((round_trips.value if round_trips else 0) - before)
+                assert status == EXPECTED_STATUS[endpoint], (endpoint, status, body)
+                if endpoint == "create":
+                    ids.append(json.loads(body)["id"])
+            ordered = sorted(latencies)
+            report[endpoint] = {
+                "round_trips": statistics.median(trips) if round_trips else None,
+                "most_round_trips": max(trips) if round_trips else None,
+                "p50_ms": round(statistics.median(ordered), 2),
+                "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
+            }
+    finally:
+        writer.close()
+    return report
 
 
 def load_generator(port, owned, concurrency, warmup, duration, results):
@@ -322,6 +360,72 @@ def load_generator(port, owned, concurrency, warmup, duration, results):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The network: a proxy that delays every byte by the same time each way and counts round trips
+
+
+def delay_proxy(listen_port: int, target: tuple[str, int], delay_ms: float, round_trips, ready) -> None:
+    """Runs in its own process, as the network would. A message from client to database after
+    traffic the other way starts a new round trip: `round_trips` counts them, across connections."""
+    delay = delay_ms / 1000
+    last = {"direction": "down"}
+
+    async def forward(reader, writer, direction):
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def deliver():
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        delivering = asyncio.create_task(deliver())
+        try:
+            while data := await reader.read(65536):
+                if direction == "up" and last["direction"] == "down":
+                    with round_trips.get_lock():
+                        round_trips.value += 1
+                last["direction"] = direction
+                queue.put_nowait((time.monotonic() + delay, data))
+        except OSError:
+            pass
+        queue.put_nowait(None)
+        await delivering
+
+    async def connection(client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection(*target)
+        await asyncio.gather(
+            forward(client_reader, server_writer, "up"),
+            forward(server_reader, client_writer, "down"),
+            return_exceptions=True,
+        )
+
+    async def serve():
+        server = await asyncio.start_server(connection, "127.0.0.1", listen_port)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+def start_delay_proxy(database_url: str, delay_ms: float):
+    """(the URL through the proxy, its round-trip counter, the proxy process)."""
+    parts = urlsplit(database_url)
+    port, round_trips, ready = free_port(), multiprocessing.Value("q", 0), multiprocessing.Event()
+    process = multiprocessing.Process(
+        target=delay_proxy, args=(port, (parts.hostname, parts.port or 5432), delay_ms, round_trips, ready), daemon=True
+    )
+    process.start()
+    ready.wait(10)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return parts._replace(netloc=netloc).geturl(), round_trips, process
+
+
+# ---------------------------------------------------------------------------------------------------
 # Running a target (the service or the floor) under the load
 
 
@@ -332,13 +436,17 @@ def free_port() -> int:
 
 
 def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
+    """One uvicorn worker serving `app`. BENCH_SERVICE_DIR and BENCH_SERVICE_PYTHON run the service of
+    another checkout with its own Python (how README's "before" columns were measured)."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, "PYTHONPATH": str(HERE)}
+    here = Path(os.environ.get("BENCH_SERVICE_DIR", HERE)) if app == "service:app" else HERE
+    python = os.environ.get("BENCH_SERVICE_PYTHON", sys.executable) if app == "service:app" else sys.executable
+    env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, "PYTHONPATH": str(here)}
     for name in ("BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE"):
         env.pop(name, None)
     process = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "uvicorn",
             app,
@@ -350,7 +458,7 @@ def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
             "--log-level",
             "warning",
         ],
-        cwd=HERE,
+        cwd=here,
         env=env,
         stdout=subprocess.DEVNULL,
     )
@@ -369,10 +477,14 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def measure(app: str, database_url: str, args) -> dict:
+def measure(app: str, database_url: str, args, served_url: str | None = None, round_trips=None) -> dict:
+    """Seed, start `app` on `served_url` (the database through the delay proxy, if any), then one
+    request at a time per endpoint, then the mixed load at --concurrency."""
     owned = asyncio.run(seed(database_url, args.users, args.tasks))
-    process, port = start_server(app, database_url)
+    process, port = start_server(app, served_url or database_url)
     try:
+        asyncio.run(one_at_a_time(port, owned, 30, round_trips))  # warm: each statement prepared on each connection
+        sequential = asyncio.run(one_at_a_time(port, owned, args.rounds, round_trips))
         results = multiprocessing.Queue()
         generator = multiprocessing.Process(
             target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results)
@@ -384,7 +496,7 @@ def measure(app: str, database_url: str, args) -> dict:
     finally:
         process.terminate()
         process.wait(30)
-    report = {"peak_rss_mib": round(rss, 1), "endpoints": {}}
+    report = {"peak_rss_mib": round(rss, 1), "endpoints": {}, "one_at_a_time": sequential}
     everything = []
     for endpoint, (latencies, errors) in measured.items():
         report["endpoints"][endpoint] = summary(latencies, errors, args.duration)
@@ -425,6 +537,23 @@ def table(results: dict) -> str:
     lines.append(
         f"\npeak RSS: service {results['service']['peak_rss_mib']} MiB, floor {results['floor']['peak_rss_mib']} MiB"
     )
+    latency = results["settings"]["db_latency"]
+    heading = (
+        f"one request at a time, {latency} ms each way to the database"
+        if latency is not None
+        else ("one request at a time, database on loopback")
+    )
+    lines += [
+        f"\n{heading}:\n",
+        "| endpoint | round trips | p50 ms | p99 ms | floor round trips | floor p50 ms | floor p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ENDPOINTS:
+        s, f = results["service"]["one_at_a_time"][name], results["floor"]["one_at_a_time"][name]
+        lines.append(
+            f"| {name} | {s['round_trips']} | {s['p50_ms']} | {s['p99_ms']} "
+            f"| {f['round_trips']} | {f['p50_ms']} | {f['p99_ms']} |"
+        )
     return "\n".join(lines)
 
 
@@ -456,24 +585,18 @@ async def timed_requests(port: int, user: str, task_id: str, rounds: int) -> dic
 
 async def explain(url: str, user: str, task_id: str) -> dict:
     """The plans of the statements the service runs for SCALE_REQUESTS, with their values."""
-    connection = await asyncpg.connect(url)
-    try:
-        plans = {}
-        for name, query in SCALE_REQUESTS.items():
-            parsed = service.parse_list_query(QueryParams(query[1:]))
-            statement = FloorStatement(parsed["statement"])
-            values = {**parsed["values"], "user_id": user}
-            rows = await connection.fetch(
-                f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {statement.sql}", *statement.args(**values)
-            )
+    statements = {}
+    for name, query in SCALE_REQUESTS.items():
+        parsed = service.parse_list_query(QueryParams(query[1:]))
+        statements[name] = (parsed["statement"], {**parsed["values"], "user_id": user})
+    statements["get"] = (service.SELECT_TASK, {"id": task_id, "user_id": user})
+    plans = {}
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
+        for name, (statement, values) in statements.items():
+            explained = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + service.driver_sql(statement)
+            rows = await (await connection.execute(explained, values)).fetchall()
             plans[name] = "\n".join(row[0] for row in rows)
-        rows = await connection.fetch(
-            f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) {FLOOR_SELECT.sql}", *FLOOR_SELECT.args(id=task_id, user_id=user)
-        )
-        plans["get"] = "\n".join(row[0] for row in rows)
-        return plans
-    finally:
-        await connection.close()
+    return plans
 
 
 def scale(database_url: str, rounds: int) -> dict:
@@ -508,7 +631,14 @@ def main():
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--scale", action="store_true", help="the 1,000 vs 1,000,000 tasks comparison")
-    parser.add_argument("--rounds", type=int, default=200, help="--scale: requests of each kind per size")
+    parser.add_argument("--rounds", type=int, default=200, help="requests of each kind one at a time (and per size)")
+    parser.add_argument(
+        "--db-latency",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="put a proxy adding MS each way before the database",
+    )
     args = parser.parse_args()
 
     stop = None
@@ -530,9 +660,12 @@ def main():
                     print(f"  EXPLAIN {name}:\n    " + plan.replace("\n", "\n    "))
             print(f"large/small: {results['ratio']}")
             return
+        served_url, round_trips = database_url, None
+        if args.db_latency is not None:
+            served_url, round_trips, _proxy = start_delay_proxy(database_url, args.db_latency)
         results = {
-            "service": measure("service:app", database_url, args),
-            "floor": measure("bench:floor", database_url, args),
+            "service": measure("service:app", database_url, args, served_url, round_trips),
+            "floor": measure("bench:floor", database_url, args, served_url, round_trips),
         }
         # In a fixed mix every endpoint's rate is the same share of the total, so per endpoint the
         # ratio compares time per request (floor mean / service mean): the rate each would reach

@@ -31,7 +31,6 @@ from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import anyio
-import asyncpg
 import httpx
 import hypothesis
 import jwt
@@ -1535,18 +1534,19 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
 
 
 @pytest.mark.parametrize(
-    "sql, expected, names",
+    "sql, expected",
     [
-        ("SELECT :a, :b, :a", "SELECT $1, $2, $1", ("a", "b")),  # a repeated name is one parameter
-        ("SELECT CAST(:a AS TEXT)::text", "SELECT CAST($1 AS TEXT)::text", ("a",)),  # a cast is no parameter
-        ("SELECT ':a', 'it''s :b', :c", "SELECT ':a', 'it''s :b', $1", ("c",)),  # nor is text in a literal
-        ("SELECT to_char(x, 'HH24:MI:SS') || :t", "SELECT to_char(x, 'HH24:MI:SS') || $1", ("t",)),
-        ("WHERE (id=:id)", "WHERE (id=$1)", ("id",)),
+        ("SELECT :a, :b, :a", "SELECT %(a)s, %(b)s, %(a)s"),  # a repeated name is one parameter
+        ("SELECT CAST(:a AS TEXT)::text", "SELECT CAST(%(a)s AS TEXT)::text"),  # a cast is no parameter
+        ("SELECT ':a', 'it''s :b', :c", "SELECT ':a', 'it''s :b', %(c)s"),  # nor is text in a literal
+        ("SELECT to_char(x, 'HH24:MI:SS') || :t", "SELECT to_char(x, 'HH24:MI:SS') || %(t)s"),
+        ("WHERE (id=:id)", "WHERE (id=%(id)s)"),
+        ("SELECT 5 % 3, '100%' LIKE :p", "SELECT 5 %% 3, '100%%' LIKE %(p)s"),  # psycopg's own % is doubled
     ],
-    ids=["repeated", "cast", "literals", "time-format", "no-spaces"],
+    ids=["repeated", "cast", "literals", "time-format", "no-spaces", "percent"],
 )
-def test_named_parameters_become_numbered_ones_for_asyncpg(sql, expected, names):
-    assert service.driver_sql(sql) == (expected, names)
+def test_named_parameters_become_psycopg_placeholders(sql, expected):
+    assert service.driver_sql(sql) == expected
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2181,7 +2181,7 @@ async def fresh_database(database, postgres_url, tmp_path):
         yield database
         return
     name = f"fresh_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
+    admin = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
     await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
     yield Target(database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled)
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
@@ -2911,7 +2911,7 @@ def test_connections_beyond_the_limit_get_503_and_idle_ones_are_closed(database,
 @pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
 async def test_three_instances_started_together_on_an_empty_database_all_serve(database, postgres_url, tmp_path):
     name = f"fresh_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres_url)
+    admin = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
     await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
     fresh = Target(database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled)
     instances = [ServiceProcess(fresh, tmp_path) for _ in range(3)]
@@ -2932,7 +2932,7 @@ async def test_three_instances_started_together_on_an_empty_database_all_serve(d
 @pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
 async def test_schema_set_up_is_safe_when_many_instances_race_for_it(database, postgres_url):
     """The same race as above, tighter: many apply_schema at once on fresh databases, in one process."""
-    admin = await asyncpg.connect(postgres_url)
+    admin = await psycopg.AsyncConnection.connect(postgres_url, autocommit=True)
     try:
         for _ in range(3):
             name = f"fresh_{uuid.uuid4().hex[:12]}"
@@ -2963,17 +2963,15 @@ class RowLock:
             self.connection = sqlite3.connect(urlsplit(self.database.url).path[1:], isolation_level=None)
             self.connection.execute("BEGIN IMMEDIATE")
         else:
-            self.connection = await asyncpg.connect(self.postgres_url)
-            self.transaction = self.connection.transaction()
-            await self.transaction.start()
-            await self.connection.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", task_id)
+            self.connection = await psycopg.AsyncConnection.connect(self.postgres_url)  # in a transaction
+            await self.connection.execute("SELECT 1 FROM tasks WHERE id = %s FOR UPDATE", [task_id])
 
     async def release(self):
         if self.database.kind == "sqlite":
             self.connection.execute("ROLLBACK")
             self.connection.close()
         else:
-            await self.transaction.rollback()
+            await self.connection.rollback()
             await self.connection.close()
 
 
@@ -3101,4 +3099,11 @@ def test_fuzzing_from_the_openapi_document_finds_no_5xx_and_no_departure_from_it
             case.query[alias] = case.query[name]
     if isinstance(case.body, dict) and case.body.get("recurrence") and not case.body.get("due_date"):
         case.body["due_date"] = "2026-01-31"
+    # And one it ignores: `pattern` on array items (tags that are blank, or hold a NUL or an unpaired surrogate).
+    if isinstance(case.body, dict) and isinstance(case.body.get("tags"), list):
+        case.body["tags"] = [
+            t
+            for t in case.body["tags"]
+            if not isinstance(t, str) or service.storable_text(t) and t.strip(service.WHITE_SPACE)
+        ]
     case.call_and_validate(base_url=fuzzed_service.url, headers=auth("alice"))
