@@ -1188,8 +1188,7 @@ def parse_list_query(params) -> dict:
     if len(tags) > MAX_TAGS or not all(0 < len(tag) <= TAG_MAX for tag in tags):
         errors.append((("query", "tag"), f"At most {MAX_TAGS} tags, each 1 to {TAG_MAX} characters", "value_error"))
     tag_keys = list(dict.fromkeys(tag.casefold() for tag in tags))
-    # A tag no task can have (NUL, an unpaired surrogate) matches nothing; the database never sees it.
-    unmatchable = not all(storable_text(tag) for tag in tags)
+    unmatchable = not all(storable_text(tag) for tag in tags)  # a tag with NUL: no task has it
     moments = {}
     for name, date_means in (("due_before", "start"), ("due_after", "end")):
         try:
@@ -1199,12 +1198,10 @@ def parse_list_query(params) -> dict:
     if errors:
         raise invalid(*errors)
     wanted = {"true": True, "false": False}.get(completed)
-    if status != "all":
-        status_wants = status == "completed"
-        # Both filters given and disagreeing: no task can match, and none is returned.
-        wanted = status_wants if wanted in (None, status_wants) else "conflict"
-    if unmatchable:
-        wanted, tag_keys = "conflict", []
+    status_wants = {"all": wanted, "pending": False, "completed": True}[status]
+    # completed and status disagreeing, like a tag no task can have, match nothing: no query needed.
+    matches_nothing = unmatchable or wanted not in (None, status_wants)
+    wanted = status_wants
     ranks = [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES)
     values = {
         "completed": wanted,
@@ -1223,7 +1220,7 @@ def parse_list_query(params) -> dict:
         kind = "tags by created_at" if sort == "created_at" else "tags"
     else:
         kind = "tagged" if tag_keys else "matching" if filtered or priorities else "all"
-    return {"statement": LIST_TASKS[(kind, sort, order)], "values": values}
+    return {"statement": LIST_TASKS[(kind, sort, order)], "values": values, "matches_nothing": matches_nothing}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1269,7 +1266,7 @@ async def list_tasks(request: Request, envelope: bool) -> Response:
     query = parse_list_query(request.query_params)
     values = {**query["values"], "user_id": request.user.id}
     database = request.app.state.database
-    if values["completed"] == "conflict":
+    if query["matches_nothing"]:
         return reply([], envelope, headers={"X-Total-Count": "0"})
     rows = await database.fetch(query["statement"], values)
     total = rows[0]["total_count"] if rows else 0  # no row: the user has never had a task
