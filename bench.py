@@ -94,7 +94,12 @@ async def floor(scope, receive, send):
                 os.environ["DATABASE_URL"],
                 min_size=10,
                 open=False,
-                kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+                kwargs={
+                    "autocommit": True,
+                    "prepare_threshold": 0,
+                    "row_factory": dict_row,
+                    "cursor_factory": psycopg.AsyncRawCursor,
+                },
             )
             await floor.pool.open(wait=True)
             await send({"type": "lifespan.startup.complete"})
@@ -153,9 +158,10 @@ async def floor_handle(scope, body: bytes):
     return (200, floor_task(rows[0])) if rows else (404, {"detail": "Task not found"})
 
 
-async def floor_fetch(sql: str, **values) -> list:
+async def floor_fetch(statement: tuple[str, tuple[str, ...]], **values) -> list:
+    text, names = statement
     async with floor.pool.connection() as connection:
-        cursor = await connection.execute(sql, values)
+        cursor = await connection.execute(text, [values[name] for name in names])
         return await cursor.fetchall()
 
 
@@ -593,8 +599,10 @@ async def explain(url: str, user: str, task_id: str) -> dict:
     plans = {}
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
         for name, (statement, values) in statements.items():
-            explained = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + service.driver_sql(statement)
-            rows = await (await connection.execute(explained, values)).fetchall()
+            text, names = service.driver_sql(statement)
+            cursor = psycopg.AsyncRawCursor(connection)
+            await cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + text, [values[n] for n in names])
+            rows = await cursor.fetchall()
             plans[name] = "\n".join(row[0] for row in rows)
     return plans
 

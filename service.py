@@ -16,6 +16,7 @@ import calendar
 import functools
 import hashlib
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -183,6 +184,7 @@ class PostgreSQL:
             kwargs={
                 "autocommit": True,
                 "row_factory": dict_row,
+                "cursor_factory": psycopg.AsyncRawCursor,  # $1 placeholders: see driver_sql
                 "connect_timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
                 # PgBouncer in transaction mode may run each statement on another server connection,
                 # where a statement prepared earlier does not exist: so none is prepared there.
@@ -195,10 +197,8 @@ class PostgreSQL:
     async def disconnect(self) -> None:
         await self.pool.close()
 
-    @asynccontextmanager
-    async def connection(self):
-        async with self.pool.connection() as connection:
-            yield connection
+    def connection(self):
+        return self.pool.connection()
 
     async def fetch(self, sql: str, values: dict | None = None) -> list:
         async with self.connection() as connection:
@@ -211,8 +211,9 @@ class PostgreSQL:
 
     @staticmethod
     async def run(connection: psycopg.AsyncConnection, sql: str, values: dict | None) -> list:
+        text, names = driver_sql(sql)
         async with asyncio.timeout(DATABASE_COMMAND_TIMEOUT_SECONDS):
-            cursor = await connection.execute(driver_sql(sql), values or {})
+            cursor = await connection.execute(text, [values[name] for name in names])
             return await cursor.fetchall() if cursor.description else []
 
 
@@ -325,20 +326,27 @@ async def version_before_schema_version(run, dialect: str) -> int:
     return 0 if not columns else 2 if "task_count" in columns else 1
 
 
-SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|%|(?<!\w):(\w+)")
+SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
 
 
 @functools.cache
-def driver_sql(sql: str) -> str:
-    """A statement with :name parameters as psycopg takes it, %(name)s; sqlite3 binds :name itself.
-    A % of the SQL's own (in a literal or not) is doubled, and :: casts are left as they are."""
+def driver_sql(sql: str) -> tuple[str, tuple[str, ...]]:
+    """A statement with :name parameters as PostgreSQL itself takes them ($1, $2, ..., one number per
+    name however often it is used), and the names in that order; sqlite3 binds :name itself. Quoted
+    literals and :: casts are left as they are. Done once per statement: psycopg's raw cursor sends
+    the text as it is, where its own %(name)s placeholders would be parsed again on every execution
+    of a statement over 4 KiB (CHANGE_TASK is one)."""
+    names: list[str] = []
 
-    def translated(match: re.Match) -> str:
-        if match.group(1) is not None:
-            return f"%({match.group(1)})s"
-        return match.group(0).replace("%", "%%")
+    def numbered(match: re.Match) -> str:
+        name = match.group(1)
+        if name is None:  # a literal or a cast
+            return match.group(0)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
 
-    return SQL_LITERAL_OR_PARAMETER.sub(translated, sql)
+    return SQL_LITERAL_OR_PARAMETER.sub(numbered, sql), tuple(names)
 
 
 def utc_now() -> str:
@@ -1480,10 +1488,13 @@ async def server_error(request: Request, exc: Exception) -> Response:
 # The request log, and the headers every response carries
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Made request ids: this process's random half, then a count; unique without a random draw each.
+REQUEST_ID_PREFIX, REQUEST_NUMBERS = secrets.token_hex(8), itertools.count()
 
 
 def response_headers(scope, request_id: str) -> dict:
-    headers = {"X-Request-ID": request_id, "X-Content-Type-Options": "nosniff"}
+    # Vary: a response differs by Origin (CORS headers), so a cache must not serve it to another.
+    headers = {"X-Request-ID": request_id, "X-Content-Type-Options": "nosniff", "Vary": "Origin"}
     if scope["path"].startswith("/api/"):
         headers["Cache-Control"] = "no-store"  # user data must not sit in shared caches
     return headers
@@ -1502,7 +1513,7 @@ class RequestLog:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         offered = Headers(scope=scope).get("x-request-id", "")
-        request_id = offered if REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        request_id = offered if REQUEST_ID.fullmatch(offered) else f"{REQUEST_ID_PREFIX}{next(REQUEST_NUMBERS):016x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # what the client gets if the app raises before answering
 
@@ -1556,12 +1567,13 @@ CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
 class CORS(CORSMiddleware):
-    """Starlette's, except that an origin that is not allowed gets no CORS header at all (Starlette's
-    would still send Allow-Credentials and Expose-Headers to it)."""
+    """Starlette's, except that a request from an origin that is not allowed, or from none, gets no
+    CORS header at all (Starlette's would still send Allow-Credentials and Expose-Headers to another
+    origin). Vary: Origin is on every response (response_headers)."""
 
     async def simple_response(self, scope: Scope, receive: Receive, send: Send, request_headers: Headers) -> None:
         origin = request_headers.get("origin")
-        if origin is None or self.is_allowed_origin(origin):
+        if origin is not None and self.is_allowed_origin(origin):
             await super().simple_response(scope, receive, send, request_headers)
         else:
             await self.app(scope, receive, send)

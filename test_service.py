@@ -1535,19 +1535,19 @@ async def test_every_statement_on_tasks_is_scoped_by_user_id():
 
 
 @pytest.mark.parametrize(
-    "sql, expected",
+    "sql, expected, names",
     [
-        ("SELECT :a, :b, :a", "SELECT %(a)s, %(b)s, %(a)s"),  # a repeated name is one parameter
-        ("SELECT CAST(:a AS TEXT)::text", "SELECT CAST(%(a)s AS TEXT)::text"),  # a cast is no parameter
-        ("SELECT ':a', 'it''s :b', :c", "SELECT ':a', 'it''s :b', %(c)s"),  # nor is text in a literal
-        ("SELECT to_char(x, 'HH24:MI:SS') || :t", "SELECT to_char(x, 'HH24:MI:SS') || %(t)s"),
-        ("WHERE (id=:id)", "WHERE (id=%(id)s)"),
-        ("SELECT 5 % 3, '100%' LIKE :p", "SELECT 5 %% 3, '100%%' LIKE %(p)s"),  # psycopg's own % is doubled
+        ("SELECT :a, :b, :a", "SELECT $1, $2, $1", ("a", "b")),  # a repeated name is one parameter
+        ("SELECT CAST(:a AS TEXT)::text", "SELECT CAST($1 AS TEXT)::text", ("a",)),  # a cast is no parameter
+        ("SELECT ':a', 'it''s :b', :c", "SELECT ':a', 'it''s :b', $1", ("c",)),  # nor is text in a literal
+        ("SELECT to_char(x, 'HH24:MI:SS') || :t", "SELECT to_char(x, 'HH24:MI:SS') || $1", ("t",)),
+        ("WHERE (id=:id)", "WHERE (id=$1)", ("id",)),
+        ("SELECT 5 % 3, '100%' LIKE :p", "SELECT 5 % 3, '100%' LIKE $1", ("p",)),  # % is just %
     ],
     ids=["repeated", "cast", "literals", "time-format", "no-spaces", "percent"],
 )
-def test_named_parameters_become_psycopg_placeholders(sql, expected):
-    assert service.driver_sql(sql) == expected
+def test_named_parameters_become_numbered_ones(sql, expected, names):
+    assert service.driver_sql(sql) == (expected, names)
 
 
 # ---------------------------------------------------------------------------------------------------
