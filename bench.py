@@ -68,24 +68,6 @@ NO_CHANGE = {
 }
 
 
-def floor_task(row) -> dict:
-    return {
-        "id": row["id"],
-        "user_id": row["user_id"],
-        "title": row["title"],
-        "description": row["description"],
-        "completed": row["completed"],
-        "priority": service.PRIORITY_NAMES[row["priority"]],
-        "tags": json.loads(row["tags"]),
-        "due_date": row["due_date"],
-        "remind_at": row["remind_at"],
-        "recurrence": row["recurrence"],
-        "next_occurrence_id": row["next_occurrence_id"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
-
-
 async def floor(scope, receive, send):
     """The bare ASGI app: `uvicorn bench:floor`."""
     if scope["type"] == "lifespan":
@@ -137,12 +119,12 @@ async def floor_handle(scope, body: bytes):
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
     if task_id is None and method == "GET":
         rows = await floor_fetch(FLOOR_LIST, user_id=user_id, limit=50, offset=0)
-        return 200, [floor_task(row) for row in rows]
+        return 200, [service.task_json(row) for row in rows]
     if task_id is None:
         values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip(), "tag_keys": "[]"}
         values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
         [row] = await floor_fetch(FLOOR_CREATE, **values)
-        return 201, floor_task(row)
+        return 201, service.task_json(row)
     if method == "GET":
         rows = await floor_fetch(FLOOR_SELECT, id=task_id, user_id=user_id)
     elif method in ("PATCH", "PUT"):
@@ -155,7 +137,7 @@ async def floor_handle(scope, body: bytes):
     else:
         rows = await floor_fetch(FLOOR_DELETE, id=task_id, user_id=user_id)
         return (204, None) if rows else (404, {"detail": "Task not found"})
-    return (200, floor_task(rows[0])) if rows else (404, {"detail": "Task not found"})
+    return (200, service.task_json(rows[0])) if rows else (404, {"detail": "Task not found"})
 
 
 async def floor_fetch(statement: tuple[str, tuple[str, ...]], **values) -> list:
