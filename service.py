@@ -42,7 +42,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.config import Config
-from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHeaders
+from starlette.datastructures import CommaSeparatedStrings, Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -1526,9 +1526,14 @@ class RequestLog:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = MutableHeaders(scope=message)
-                for name, value in response_headers(scope, request_id).items():
-                    headers[name] = value
+                # Raw (name, value) pairs, lower-case names, as ASGI has them; what the app set stays.
+                own = message.get("headers", [])
+                present = {name for name, _ in own}
+                ours = [
+                    (name.lower().encode(), value.encode())
+                    for name, value in response_headers(scope, request_id).items()
+                ]
+                message["headers"] = [*own, *(header for header in ours if header[0] not in present)]
             await send(message)
 
         try:
