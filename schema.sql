@@ -1,13 +1,13 @@
--- The task service's schema: one file for SQLite and PostgreSQL, in numbered steps. A new database
--- runs every step, a database made by an earlier release only the steps it has not had, at every
--- start-up, in one transaction, under a lock (see apply_schema in service.py). schema_version keeps
--- the last step run. A step, once released, never changes: a change is a new step at the end.
+-- The task service's schema, in numbered steps. A new database runs every step, a database made by an
+-- earlier release only the steps it has not had, at every start-up, in one transaction, under a lock
+-- (see apply_schema in service.py). schema_version keeps the last step run. A step, once released,
+-- never changes: a change is a new step at the end.
 --
--- Portable types on purpose: ids are TEXT (UUIDs made by the service), and timestamps are TEXT in one
--- fixed ISO 8601 UTC format with microseconds ('2026-01-09T10:15:00.123456Z'), written by the service.
--- That format sorts chronologically as text and reads back byte-for-byte the same on both databases,
--- which a native TIMESTAMPTZ (PostgreSQL) beside SQLite's untyped columns would not.
--- The CHECK constraints repeat the service's validation as a second line of defence.
+-- Ids are TEXT (UUIDs made by the service), and timestamps are TEXT in one fixed ISO 8601 UTC format
+-- with microseconds ('2026-01-09T10:15:00.123456Z'), written by the service: it sorts chronologically
+-- as text and is served back byte for byte. (Releases before step 4 also ran on SQLite, which is why
+-- the first steps chose portable types.) The CHECK constraints repeat the service's validation as a
+-- second line of defence, except step 4's, which is the rule itself.
 -- (No semicolons in comments: the file is split into statements at them.)
 
 -- step 1: the first release
@@ -66,3 +66,7 @@ CREATE INDEX task_tags_user_tag ON task_tags (user_id, tag, created_at, task_id)
 CREATE INDEX tasks_user_due ON tasks (user_id, (due_at IS NULL), due_at, id);
 CREATE INDEX tasks_user_due_desc ON tasks (user_id, (due_at IS NULL), due_at DESC, id DESC);
 CREATE INDEX tasks_user_priority ON tasks (user_id, priority, id);
+
+-- step 4: PostgreSQL only. A recurring task needs a due date: the service relies on this CHECK, by
+-- name, to refuse (422) a create or change that would break it, whichever way the change comes.
+ALTER TABLE tasks ADD CONSTRAINT recurring_task_needs_due_date CHECK (recurrence IS NULL OR due_date IS NOT NULL);

