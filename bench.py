@@ -7,8 +7,9 @@
 PostgreSQL is started the way the test suite starts it, or taken from BENCH_DATABASE_URL (its tasks
 and users tables are emptied). The service runs as a real one-worker `uvicorn service:app` process.
 The floor is a bare ASGI callable (below) under the same uvicorn: it verifies the same JWT and runs the
-same SQL text from service.py with psycopg directly (the service's driver), with no framework. The load
-generator runs in its own process and speaks HTTP/1.1 over raw keep-alive sockets.
+same SQL text from service.py on asyncpg directly (the driver under `databases`), with no framework, no
+SQLAlchemy and no validation. The load generator runs in its own process and speaks HTTP/1.1 over raw
+keep-alive sockets. With --db-latency MS a proxy adds MS each way and counts round trips.
 """
 
 import argparse
@@ -32,11 +33,9 @@ SECRET = "bench-secret-" + "0123456789abcdef" * 3
 os.environ.setdefault("BETTER_AUTH_SECRET", SECRET)
 os.environ["BETTER_AUTH_SECRET"] = SECRET
 
+import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import jwt  # noqa: E402
-import psycopg  # noqa: E402
-import psycopg_pool  # noqa: E402
-from psycopg.rows import dict_row  # noqa: E402
 from starlette.datastructures import QueryParams  # noqa: E402
 
 import service  # noqa: E402
@@ -45,45 +44,45 @@ logging.getLogger("httpx").setLevel(logging.WARNING)  # service.py logs at INFO;
 
 HERE = Path(__file__).parent
 ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
+# One at a time only: completing a recurring task (the careful path, in a transaction).
+SEQUENTIAL = (*ENDPOINTS, "complete recurring")
 # The fixed mix, one cycle of ten requests: reads dominate, and creates balance deletes.
 MIX = ("list", "get", "list", "get", "create", "toggle", "get", "update", "list", "delete")
 EXPECTED_STATUS = {"list": 200, "get": 200, "create": 201, "toggle": 200, "update": 200, "delete": 204}
+EXPECTED_STATUS["complete recurring"] = 200
 
 # ---------------------------------------------------------------------------------------------------
-# The floor: the same work as the service's handlers, with nothing between uvicorn and psycopg.
+# The floor: the same work as the service's handlers, with nothing between uvicorn and asyncpg.
 
 
-FLOOR_LIST = service.driver_sql(service.LIST_TASKS[("all", "created_at", "desc")])
-FLOOR_SELECT = service.driver_sql(service.SELECT_TASK)
-FLOOR_CREATE = service.driver_sql(service.CREATE_TASK)
-FLOOR_CHANGE = service.driver_sql(service.CHANGE_TASK)
-FLOOR_DELETE = service.driver_sql(service.DELETE_AND_UNCOUNT_TASK)
+def positional(sql: str) -> tuple[str, list[str]]:
+    """The service's :name SQL as asyncpg takes it ($1, $2, ...), and the names in that order: done once
+    per statement here, where `databases` has SQLAlchemy compile the text on every call."""
+    names: list[str] = []
+
+    def number(match: re.Match) -> str:
+        names.append(match[1]) if match[1] not in names else None
+        return f"${names.index(match[1]) + 1}"
+
+    return re.sub(r"(?<![:\w]):(\w+)", number, sql), names
+
+
+FLOOR_LIST = positional(service.LIST_TASKS[("created_at", "desc")])
+FLOOR_SELECT = positional(service.SELECT_TASK)
+FLOOR_CREATE = positional(service.CREATE_TASK)
+FLOOR_CHANGE = positional(service.CHANGE_TASK)
+FLOOR_DELETE = positional(service.DELETE_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
-NO_CHANGE = {
-    **{f"set_{name}": False for name in service.TASK_FIELDS},
-    **dict.fromkeys(service.TASK_FIELDS),
-    "due_at": None,
-    "tag_keys": "[]",
-    "flip": False,
-}
+NO_FILTER = dict.fromkeys(("completed", "pattern", "due_before", "due_after", "overdue", "reminder_due"))
+NO_FILTER |= {"priorities": [1, 2, 3], "tag_keys": []}
 
 
 async def floor(scope, receive, send):
     """The bare ASGI app: `uvicorn bench:floor`."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
-            floor.pool = psycopg_pool.AsyncConnectionPool(
-                os.environ["DATABASE_URL"],
-                min_size=10,
-                open=False,
-                kwargs={
-                    "autocommit": True,
-                    "prepare_threshold": 0,
-                    "row_factory": dict_row,
-                    "cursor_factory": psycopg.AsyncRawCursor,
-                },
-            )
-            await floor.pool.open(wait=True)
+            reset = {"reset": lambda connection: asyncio.sleep(0)}  # as the service's pool: no reset query
+            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=10, max_size=10, **reset)
             await send({"type": "lifespan.startup.complete"})
         await floor.pool.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -118,33 +117,30 @@ async def floor_handle(scope, body: bytes):
         return 404, {"detail": "Not Found"}
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
     if task_id is None and method == "GET":
-        rows = await floor_fetch(FLOOR_LIST, user_id=user_id, limit=50, offset=0)
-        return 200, [service.task_json(row) for row in rows]
+        rows = await floor_fetch(FLOOR_LIST, **NO_FILTER, user_id=user_id, now=now, limit=50, offset=0)
+        return 200, [service.task_json(row) for row in rows if row["id"] is not None]
     if task_id is None:
-        values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip(), "tag_keys": "[]"}
+        values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip()}
         values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
         [row] = await floor_fetch(FLOOR_CREATE, **values)
         return 201, service.task_json(row)
     if method == "GET":
         rows = await floor_fetch(FLOOR_SELECT, id=task_id, user_id=user_id)
     elif method in ("PATCH", "PUT"):
-        change = (
-            {"flip": True} if method == "PATCH" else {"set_title": True, "title": json.loads(body)["title"].strip()}
-        )
-        values = {**NO_CHANGE, **change, "id": task_id, "user_id": user_id, "now": now}
-        values |= {"successor_id": str(uuid.uuid4()), "max_tasks": 10_000}
-        rows = [row for row in await floor_fetch(FLOOR_CHANGE, **values) if row["id"] is not None]
+        flip = method == "PATCH"
+        changes = json.dumps({} if flip else {"title": json.loads(body)["title"].strip()})
+        values = {"id": task_id, "user_id": user_id, "now": now, "flip": flip, "careful": True, "completing": flip}
+        rows = await floor_fetch(FLOOR_CHANGE, **values, changes=changes, next_occurrence_id=None)
     else:
         rows = await floor_fetch(FLOOR_DELETE, id=task_id, user_id=user_id)
         return (204, None) if rows else (404, {"detail": "Task not found"})
     return (200, service.task_json(rows[0])) if rows else (404, {"detail": "Task not found"})
 
 
-async def floor_fetch(statement: tuple[str, tuple[str, ...]], **values) -> list:
+async def floor_fetch(statement: tuple[str, list[str]], **values) -> list:
     text, names = statement
-    async with floor.pool.connection() as connection:
-        cursor = await connection.execute(text, [values[name] for name in names])
-        return await cursor.fetchall()
+    async with floor.pool.acquire() as connection:
+        return await connection.fetch(text, *[values[name] for name in names])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,8 +162,9 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
     await db.connect()
     await service.apply_schema(db)  # the same schema the service applies
     await db.disconnect()
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
-        await connection.execute("TRUNCATE users, tasks, task_tags")
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute("TRUNCATE users, tasks")
         now = service.utc_now()
         owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
 
@@ -177,58 +174,24 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
             moment = service.stamp(datetime(2026, 1, 1) + timedelta(minutes=37 * i))
             return (moment[:10], moment[:10] + "T23:59:59.999999Z") if i % 3 == 0 else (moment, moment)
 
-        async def copy(table: str, columns: list[str], rows) -> None:
-            cursor = connection.cursor()
-            async with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copying:
-                for row in rows:
-                    await copying.write_row(row)
-
-        await copy(
-            "users", ["id", "email", "created_at", "task_count"], ((u, None, now, tasks_per_user) for u in owned)
+        await connection.copy_records_to_table(
+            "users",
+            columns=["id", "email", "created_at", "task_count"],
+            records=[(u, None, now, tasks_per_user) for u in owned],
         )
-        await copy(
-            "tasks",
-            [
-                "id",
-                "user_id",
-                "title",
-                "description",
-                "completed",
-                "created_at",
-                "updated_at",
-                "priority",
-                "tags",
-                "due_date",
-                "due_at",
-            ],
-            (
-                (
-                    task_id,
-                    user,
-                    f"task {i} of {user}",
-                    None,
-                    i % 3 == 0,
-                    now,
-                    now,
-                    i % 3 + 1,
-                    f'["tag-{i % TAG_POOL}"]',
-                    *due(i),
-                )
-                for user, ids in owned.items()
-                for i, task_id in enumerate(ids)
-            ),
+        columns = ["id", "user_id", "title", "description", "completed", "created_at", "updated_at", "priority"]
+        columns += ["tags", "tag_keys", "due_date", "due_at"]
+        records = (
+            (task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now, i % 3 + 1, f'["tag-{i % TAG_POOL}"]')
+            + ([f"tag-{i % TAG_POOL}"], *due(i))
+            for user, ids in owned.items()
+            for i, task_id in enumerate(ids)
         )
-        await copy(
-            "task_tags",
-            ["task_id", "user_id", "tag", "created_at"],
-            (
-                (task_id, user, f"tag-{i % TAG_POOL}", now)
-                for user, ids in owned.items()
-                for i, task_id in enumerate(ids)
-            ),
-        )
+        await connection.copy_records_to_table("tasks", columns=columns, records=records)
         # As autovacuum leaves a table in use: statistics, and the visibility map (index-only scans).
-        await connection.execute("VACUUM ANALYZE users, tasks, task_tags")
+        await connection.execute("VACUUM ANALYZE users, tasks")
+    finally:
+        await connection.close()
     return owned
 
 
@@ -252,8 +215,10 @@ async def read_response(reader) -> tuple[int, bytes]:
 
 
 def endpoint_request(endpoint: str, user: str, ids: list[str], bearer: str, step: int) -> bytes:
-    """The HTTP request for one of ENDPOINTS, on the user's own tasks (a delete takes the last)."""
+    """The HTTP request for one of SEQUENTIAL, on the user's own tasks (a delete takes the last)."""
     base = f"/api/{user}/tasks"
+    if endpoint == "complete recurring":  # the last task made: a recurring one (see one_at_a_time)
+        return request_bytes("PATCH", f"{base}/{ids[-1]}/complete", bearer)
     if endpoint == "list":
         return request_bytes("GET", base + "?limit=50", bearer)
     if endpoint == "create":
@@ -288,7 +253,7 @@ async def drive_connection(port, owned, tokens, stop_at, record):
         writer.close()
 
 
-async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips) -> dict:
+async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips, endpoints=ENDPOINTS) -> dict:
     """Each endpoint `rounds` times, one request at a time: its latencies, and the round trips to the
     database each request made (read from the delay proxy's counter)."""
     user = next(iter(owned))
@@ -296,9 +261,13 @@ async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips) -> dic
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     report = {}
     try:
-        for endpoint in ENDPOINTS:
+        for endpoint in endpoints:
             latencies, trips = [], []
             for step in range(rounds):
+                if endpoint == "complete recurring":  # a new recurring task for each, not counted
+                    recurring = b'{"title": "weekly", "due_date": "2026-01-16", "recurrence": "weekly"}'
+                    writer.write(request_bytes("POST", f"/api/{user}/tasks", bearer, recurring))
+                    ids.append(json.loads((await read_response(reader))[1])["id"])
                 message = endpoint_request(endpoint, user, ids, bearer, step)
                 before = round_trips.value if round_trips else 0
                 started = time.perf_counter()
@@ -471,8 +440,9 @@ def measure(app: str, database_url: str, args, served_url: str | None = None, ro
     owned = asyncio.run(seed(database_url, args.users, args.tasks))
     process, port = start_server(app, served_url or database_url)
     try:
-        asyncio.run(one_at_a_time(port, owned, 30, round_trips))  # warm: each statement prepared on each connection
-        sequential = asyncio.run(one_at_a_time(port, owned, args.rounds, round_trips))
+        endpoints = SEQUENTIAL if app == "service:app" else ENDPOINTS  # the floor has no recurring tasks
+        asyncio.run(one_at_a_time(port, owned, 30, round_trips, endpoints))  # warm: statements prepared everywhere
+        sequential = asyncio.run(one_at_a_time(port, owned, args.rounds, round_trips, endpoints))
         results = multiprocessing.Queue()
         generator = multiprocessing.Process(
             target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results)
@@ -536,12 +506,10 @@ def table(results: dict) -> str:
         "| endpoint | round trips | p50 ms | p99 ms | floor round trips | floor p50 ms | floor p99 ms |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ENDPOINTS:
-        s, f = results["service"]["one_at_a_time"][name], results["floor"]["one_at_a_time"][name]
-        lines.append(
-            f"| {name} | {s['round_trips']} | {s['p50_ms']} | {s['p99_ms']} "
-            f"| {f['round_trips']} | {f['p50_ms']} | {f['p99_ms']} |"
-        )
+    for name in SEQUENTIAL:
+        s, f = results["service"]["one_at_a_time"][name], results["floor"]["one_at_a_time"].get(name)
+        floor = f"| {f['round_trips']} | {f['p50_ms']} | {f['p99_ms']} |" if f else "| - | - | - |"
+        lines.append(f"| {name} | {s['round_trips']} | {s['p50_ms']} | {s['p99_ms']} {floor}")
     return "\n".join(lines)
 
 
@@ -575,17 +543,20 @@ async def explain(url: str, user: str, task_id: str) -> dict:
     """The plans of the statements the service runs for SCALE_REQUESTS, with their values."""
     statements = {}
     for name, query in SCALE_REQUESTS.items():
-        parsed = service.parse_list_query(QueryParams(query[1:]))
-        statements[name] = (parsed["statement"], {**parsed["values"], "user_id": user})
+        statement, values = service.parse_list_query(QueryParams(query[1:]))
+        statements[name] = (statement, {**values, "user_id": user})
     statements["get"] = (service.SELECT_TASK, {"id": task_id, "user_id": user})
     plans = {}
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
+    connection = await asyncpg.connect(url)
+    try:
         for name, (statement, values) in statements.items():
-            text, names = service.driver_sql(statement)
-            cursor = psycopg.AsyncRawCursor(connection)
-            await cursor.execute("EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + text, [values[n] for n in names])
-            rows = await cursor.fetchall()
+            text, names = positional(statement)
+            rows = await connection.fetch(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + text, *[values[n] for n in names]
+            )
             plans[name] = "\n".join(row[0] for row in rows)
+    finally:
+        await connection.close()
     return plans
 
 
