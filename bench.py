@@ -27,6 +27,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 SECRET = "bench-secret-" + "0123456789abcdef" * 3
@@ -81,8 +82,10 @@ async def floor(scope, receive, send):
     """The bare ASGI app: `uvicorn bench:floor`."""
     if scope["type"] == "lifespan":
         while (message := await receive())["type"] != "lifespan.shutdown":
-            reset = {"reset": lambda connection: asyncio.sleep(0)}  # as the service's pool: no reset query
-            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=10, max_size=10, **reset)
+            # As the service's pool: no reset query, and every statement planned for its values.
+            options = {"reset": lambda connection: asyncio.sleep(0), "min_size": 10, "max_size": 10}
+            options["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
+            floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], **options)
             await send({"type": "lifespan.startup.complete"})
         await floor.pool.close()
         await send({"type": "lifespan.shutdown.complete"})
@@ -118,12 +121,12 @@ async def floor_handle(scope, body: bytes):
     user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
     if task_id is None and method == "GET":
         rows = await floor_fetch(FLOOR_LIST, **NO_FILTER, user_id=user_id, now=now, limit=50, offset=0)
-        return 200, [service.task_json(row) for row in rows if row["id"] is not None]
+        return 200, [floor_json(row) for row in rows if row["id"] is not None]
     if task_id is None:
         values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip()}
         values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
         [row] = await floor_fetch(FLOOR_CREATE, **values)
-        return 201, service.task_json(row)
+        return 201, floor_json(row)
     if method == "GET":
         rows = await floor_fetch(FLOOR_SELECT, id=task_id, user_id=user_id)
     elif method in ("PATCH", "PUT"):
@@ -134,7 +137,11 @@ async def floor_handle(scope, body: bytes):
     else:
         rows = await floor_fetch(FLOOR_DELETE, id=task_id, user_id=user_id)
         return (204, None) if rows else (404, {"detail": "Task not found"})
-    return (200, service.task_json(rows[0])) if rows else (404, {"detail": "Task not found"})
+    return (200, floor_json(rows[0])) if rows else (404, {"detail": "Task not found"})
+
+
+def floor_json(row) -> dict:
+    return service.task_json(SimpleNamespace(_mapping=row))  # the service reads asyncpg's record from `databases`'
 
 
 async def floor_fetch(statement: tuple[str, list[str]], **values) -> list:

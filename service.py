@@ -157,11 +157,14 @@ def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
     if sslmode := dict(parse_qsl(urlsplit(url).query)).get("sslmode"):  # `databases` passes on only its own ssl=
         options["ssl"] = sslmode
     # PgBouncer keeps no statement prepared for us (before 1.21) and passes no startup setting on:
-    # there, each statement is prepared anew, and statement_timeout is the role's (apply_schema).
+    # there, each statement is prepared (and planned) anew, and statement_timeout is the role's (apply_schema).
+    # Directly, a prepared list must still be planned for its values: a generic plan cannot leave out
+    # the filters that are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
     if pooled:
         options["statement_cache_size"] = 0
     else:
-        options["server_settings"] = {"statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s"}
+        timeout = f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s"
+        options["server_settings"] = {"statement_timeout": timeout, "plan_cache_mode": "force_custom_plan"}
     return Database(url, **options)
 
 
@@ -413,6 +416,7 @@ TASK_COLUMNS = (
     "next_occurrence_id, created_at, updated_at"
 )
 
+TASK_FIELD_NAMES = TASK_COLUMNS.split(", ")
 SELECT_TASK = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id AND user_id = :user_id"
 
 # Create (and a recurring task's successor): the user's row is made with their first task, and its
@@ -492,14 +496,13 @@ SORTS |= {"priority": "priority {0}, id {0}", "due_date": "(due_at IS NULL), due
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 # One statement per list: the total (X-Total-Count) beside the page, so a page past the end still has
-# its total (one row of NULLs but for the total).
+# its total (one row of NULLs but for the total). NOT MATERIALIZED: the count and the page are each
+# planned on their own (the count from an index alone, the page from the index in its order).
 LIST_TASKS = {
     (sort, order): f"""
-        SELECT total.count AS total_count, page.* FROM (SELECT count(*) FROM tasks WHERE {MATCHING_TASKS}) AS total
-        LEFT JOIN (
-            SELECT {TASK_COLUMNS}, due_at FROM tasks WHERE {MATCHING_TASKS}
-            ORDER BY {sql.format(direction)} LIMIT :limit OFFSET :offset
-        ) AS page ON TRUE
+        WITH matching AS NOT MATERIALIZED (SELECT {TASK_COLUMNS}, due_at FROM tasks WHERE {MATCHING_TASKS})
+        SELECT total.count AS total_count, page.* FROM (SELECT count(*) FROM matching) AS total
+        LEFT JOIN (SELECT * FROM matching ORDER BY {sql.format(direction)} LIMIT :limit OFFSET :offset) AS page ON TRUE
         ORDER BY {sql.format(direction)}
     """
     for sort, sql in SORTS.items()
@@ -730,7 +733,8 @@ def parse_list_query(params) -> tuple[str, dict] | None:
 
 
 def task_json(row) -> dict:
-    task = {name: row[name] for name in TASK_COLUMNS.split(", ")}
+    row = row._mapping  # asyncpg's own record: `databases`' wrapper looks up every column in Python
+    task = {name: row[name] for name in TASK_FIELD_NAMES}
     return task | {"priority": PRIORITY_NAMES[row["priority"]], "tags": json.loads(row["tags"])}
 
 
