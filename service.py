@@ -44,8 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# ---------------------------------------------------------------------------------------------------
-# Configuration, read once from the environment or a .env file (a deploy has none: only read one that exists).
+# === Configuration, read once from the environment or a .env file (a deploy has none: only read one that exists).
 
 config = Config(".env" if Path(".env").is_file() else None)
 DATABASE_URL = config("DATABASE_URL", default="")  # unset: see main (a local PostgreSQL, on this machine only)
@@ -66,35 +65,6 @@ PUBLISHED_SECRETS = {
     "dev-only-secret-change-me-0123456789abcdef",
     "replace-me-with-the-output-of-openssl-rand-base64-32",
 }
-
-
-def is_loopback(host: str | None) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
-    except ValueError:
-        return False
-
-
-def settings_problem() -> str | None:
-    """Why the settings cannot work, in one line, or None."""
-    jwks = urlsplit(JWKS_URL)
-    if not BETTER_AUTH_SECRET and not JWKS_URL:
-        return "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL (for its JWKS)"
-    if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:  # RFC 7518 3.2: as long as the hash
-        return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
-    if BETTER_AUTH_SECRET in PUBLISHED_SECRETS:
-        return "BETTER_AUTH_SECRET is the published example value: make one with `openssl rand -base64 32`"
-    # The keys decide who is who: fetch them over TLS, except from this machine (local development).
-    if JWKS_URL and not (jwks.scheme == "https" or jwks.scheme == "http" and is_loopback(jwks.hostname)):
-        return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
-    if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
-        return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
-    if "*" in CORS_ORIGINS:  # browsers send credentials: "*" would let any web site act as the signed-in user
-        return "CORS_ORIGINS must name the frontend's origins: '*' would let any site call the API as the user"
-    if MAX_TASKS_PER_USER < 1:
-        return "MAX_TASKS_PER_USER must be at least 1"
-    return None
-
 
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5  # a database that does not answer is a 503 within these bounds
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10  # asyncpg's, on the client; statement_timeout, on the server
@@ -120,6 +90,59 @@ JWKS_DEADLINE_SECONDS = 3  # for all of one fetch: connect, send, every read
 JWKS_MAX_BYTES = 1024 * 1024
 OPENAPI_PATH, SCHEMA_PATH = Path(__file__).with_name("openapi.json"), Path(__file__).with_name("schema.sql")
 LOCAL_POSTGRES_DATA = Path(".postgres")  # the quick start's database, beside .env (git ignores it)
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL's text holds no NUL, nor a surrogate (no UTF-8 form)
+NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
+# What JavaScript's String.prototype.trim() removes, as the frontends do; Python's str.strip() would
+# also take \x1c-\x1f and \x85, which JSON Schema's \s (in openapi.json) does not.
+WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(map(chr, range(0x2000, 0x200B)))
+TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
+NEW_TASK_DEFAULTS = {"description": None, "completed": False, "priority": PRIORITIES["medium"], "tags": "[]"}
+NEW_TASK_DEFAULTS |= {"tag_keys": [], "due_date": None, "due_at": None, "remind_at": None, "recurrence": None}
+# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
+DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+DATE_TIME = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?)([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+BOOLEANS = {"true": True, "false": False}
+TASK_NOT_FOUND = "Task not found"  # the same bytes for a missing task and another user's
+ROLE_STATEMENT_TIMEOUT = f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
+SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
+# The database cannot be reached now (as opposed to a bug in a query): OSError is refused, reset,
+# unreachable and TimeoutError; then SQLSTATE classes 08, 53 (resources) and 57 (shutdown, statement_timeout).
+DATABASE_OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+DATABASE_OUTAGES += (asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError)
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Made request ids: this process's random half, then a count; unique without a random draw each.
+REQUEST_ID_PREFIX, REQUEST_NUMBERS = secrets.token_hex(8), itertools.count()
+CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+def settings_problem() -> str | None:  # why the settings cannot work, in one line
+    jwks = urlsplit(JWKS_URL)
+    if not BETTER_AUTH_SECRET and not JWKS_URL:
+        return "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth) and/or BETTER_AUTH_URL (for its JWKS)"
+    if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < 32:  # RFC 7518 3.2: as long as the hash
+        return "BETTER_AUTH_SECRET must be at least 32 bytes: make one with `openssl rand -base64 32`"
+    if BETTER_AUTH_SECRET in PUBLISHED_SECRETS:
+        return "BETTER_AUTH_SECRET is the published example value: make one with `openssl rand -base64 32`"
+    # The keys decide who is who: fetch them over TLS, except from this machine (local development).
+    if JWKS_URL and not (jwks.scheme == "https" or jwks.scheme == "http" and is_loopback(jwks.hostname)):
+        return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
+    if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
+        return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
+    if "*" in CORS_ORIGINS:  # browsers send credentials: "*" would let any web site act as the signed-in user
+        return "CORS_ORIGINS must name the frontend's origins: '*' would let any site call the API as the user"
+    if MAX_TASKS_PER_USER < 1:
+        return "MAX_TASKS_PER_USER must be at least 1"
+    return None
+
 
 # Logs go to stdout, where Render and Fly collect them. They name route templates and error types,
 # never user ids, paths, queries, tokens, bodies or an error's text (a database error quotes rows).
@@ -137,8 +160,6 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        # No record names a source line, thread or process, so none is collected (logging's "Optimization").
-        logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing = None, 0, 0, 0
     # Under `uvicorn service:app`: its access log has raw paths and query strings (ours is RequestLog),
     # and its "Exception in ASGI application" the exception's text.
     logging.getLogger("uvicorn.access").disabled = True
@@ -146,8 +167,7 @@ def configure_logging() -> None:
         logging.getLogger("uvicorn.error").addFilter(without_exception_text)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Database: PostgreSQL through `databases` on asyncpg.
+# === Database: PostgreSQL through `databases` on asyncpg.
 
 
 def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
@@ -168,16 +188,11 @@ def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
     return Database(url, **options)
 
 
-ROLE_STATEMENT_TIMEOUT = f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
-SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
-
-
 class SchemaTooNew(RuntimeError):
     pass
 
 
-def schema_steps() -> list[list[str]]:
-    """schema.sql's steps, in order, each a list of statements."""
+def schema_steps() -> list[list[str]]:  # schema.sql's steps, each a list of statements
     bodies = re.split(r"^-- step \d+:.*$", SCHEMA_PATH.read_text(), flags=re.MULTILINE)[1:]
     return [[part for part in body.split(";") if re.search(r"^\s*[A-Z]", part, re.MULTILINE)] for body in bodies]
 
@@ -224,8 +239,7 @@ def utc_now() -> str:
     return stamp(datetime.now(UTC))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Authentication: the BearerAuth middleware turns a request into its caller, or a 401 / 403.
+# === Authentication: the BearerAuth middleware turns a request into its caller, or a 401 / 403.
 #
 # Token policy, all of it (a reviewer should agree with each line):
 # - HS256 tokens, signed with BETTER_AUTH_SECRET: HS256 only. `iss` and `aud` are not checked, because
@@ -266,9 +280,6 @@ def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: 
     return claims
 
 
-UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # PostgreSQL's text holds no NUL, nor a surrogate (no UTF-8 form)
-
-
 def is_storable_text(value, max_length: int) -> bool:
     return isinstance(value, str) and len(value) <= max_length and not UNSTORABLE.search(value)
 
@@ -291,8 +302,7 @@ async def fetch_jwks(url: str):
     return json.loads(body)
 
 
-def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
-    """The JWKS's signing keys by kid, each bound to the one algorithm its type allows."""
+def usable_keys(jwks) -> dict[str, jwt.PyJWK]:  # signing keys by kid, each bound to its type's one algorithm
     keys = {}
     for data in jwks.get("keys", []) if isinstance(jwks, dict) else []:
         try:
@@ -342,9 +352,7 @@ class KeySet:
             self.keys, self.loaded_at = keys, self.clock()
 
 
-class TokenVerifier:
-    """A bearer token becomes its caller, under the token policy above."""
-
+class TokenVerifier:  # a bearer token becomes its caller, under the token policy above
     def __init__(self, secret: str = "", jwks_url: str = "", issuer: str = "", audience: str = "") -> None:
         self.secret, self.issuer, self.audience = secret, issuer, audience
         self.key_set = KeySet(jwks_url) if jwks_url else None
@@ -408,8 +416,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-# ---------------------------------------------------------------------------------------------------
-# SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks, `id = :user_id` on users.
+# === SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks, `id = :user_id` on users.
 
 TASK_COLUMNS = (
     "id, user_id, title, description, completed, priority, tags, due_date, remind_at, recurrence, "
@@ -462,7 +469,7 @@ LOCK_TASK = """
     WHERE id = :id AND user_id = :user_id FOR UPDATE
 """
 
-# The task's tags go with it (ON DELETE CASCADE); the user's count goes down in the same statement.
+# The user's count goes down in the same statement.
 DELETE_TASK = """
     WITH deleted AS (
         DELETE FROM tasks WHERE id = :id AND user_id = :user_id RETURNING id
@@ -509,20 +516,14 @@ LIST_TASKS = {
     for order, direction in SORT_ORDERS.items()
 }
 
-# ---------------------------------------------------------------------------------------------------
-# Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
+# === Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
 
 
-def invalid(*errors: tuple) -> HTTPException:
-    """A 422 in FastAPI's shape; each error is (loc, msg, type)."""
+def invalid(*errors: tuple) -> HTTPException:  # a 422 in FastAPI's shape; each error is (loc, msg, type)
     return HTTPException(422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors])
 
 
-NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
-
-
-async def read_json_body(request: Request, required: bool = True):
-    """The parsed body; None for an empty body where one is optional."""
+async def read_json_body(request: Request, required: bool = True):  # None: an empty body where one is optional
     body = b""
     async for chunk in request.stream():  # a chunked body has no length to check in advance
         body += chunk
@@ -534,11 +535,6 @@ async def read_json_body(request: Request, required: bool = True):
         return json.loads(body, parse_constant=int)  # NaN and Infinity are not JSON: int() refuses them
     except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
         raise HTTPException(400, "Invalid JSON body") from None
-
-
-# What JavaScript's String.prototype.trim() removes, as the frontends do; Python's str.strip() would
-# also take \x1c-\x1f and \x85, which JSON Schema's \s (in openapi.json) does not.
-WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(map(chr, range(0x2000, 0x200B)))
 
 
 def trimmed(value):
@@ -561,11 +557,6 @@ def completed_errors(value) -> list:
     if type(value) is not bool:  # "true" and 1 are not booleans
         return [(("body", "completed"), "Input should be a valid boolean", "bool_type")]
     return []
-
-
-TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
-NEW_TASK_DEFAULTS = {"description": None, "completed": False, "priority": PRIORITIES["medium"], "tags": "[]"}
-NEW_TASK_DEFAULTS |= {"tag_keys": [], "due_date": None, "due_at": None, "remind_at": None, "recurrence": None}
 
 
 def parse_task_fields(body, partial: bool) -> dict:
@@ -623,13 +614,6 @@ def parse_tags(value) -> tuple[list[str], list]:
     return list(tags.values()), errors
 
 
-# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
-DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-DATE_TIME = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?)([Zz]|[+-][0-9]{2}:[0-9]{2})?"
-)
-
-
 def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
     """(as served, the instant stored) for null, a date (if `date_means` is "start" or "end" of that day, UTC)
     or an RFC 3339 date-time with Z or an offset (served in UTC). A ValueError carries the 422's (msg, type)."""
@@ -656,16 +640,11 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
     return (stamp(moment) if parts else value), stamp(moment)
 
 
-def task_id_or_404(request: Request) -> str:
-    """The path's task id in canonical form; an id that is not a UUID names no task."""
+def task_id_or_404(request: Request) -> str:  # the path's task id in canonical form; no UUID names no task
     try:
         return str(uuid.UUID(request.path_params["task_id"]))
     except ValueError:
-        raise task_not_found() from None
-
-
-def task_not_found() -> HTTPException:
-    return HTTPException(404, "Task not found")  # the same bytes for a missing task and another user's
+        raise HTTPException(404, TASK_NOT_FOUND) from None
 
 
 def whole_number(params, name: str, default: int, low: int, high: int, errors: list) -> int:
@@ -681,15 +660,11 @@ def choice(raw: str | None, name: str, options, errors: list, default=None):
     return default if raw is None else raw
 
 
-def aliased(params, name: str, alias: str, errors: list) -> str | None:
-    """A parameter that frontends also send under another name (search for q, sort_by for sort)."""
+def aliased(params, name: str, alias: str, errors: list) -> str | None:  # search for q, sort_by for sort, ...
     given = params.getlist(name) + params.getlist(alias)
     if len(set(given)) > 1:
         errors.append((("query", name), f"Give {name} or {alias}, not both with different values", "value_error"))
     return given[-1] if given else None
-
-
-BOOLEANS = {"true": True, "false": False}
 
 
 def parse_list_query(params) -> tuple[str, dict] | None:
@@ -727,8 +702,7 @@ def parse_list_query(params) -> tuple[str, dict] | None:
     return LIST_TASKS[(sort, order)], values | {name: BOOLEANS.get(flag) for name, flag in flags.items()}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Handlers. Each reads its caller from request.user (set by BearerAuth) and is given `envelope`
+# === Handlers. Each reads its caller from request.user (set by BearerAuth) and is given `envelope`
 # by its route family: token-scoped routes wrap bodies as {"data": ...}, path-scoped ones do not.
 
 
@@ -743,7 +717,6 @@ def reply(body, envelope: bool, status_code: int = 200, headers: dict | None = N
 
 
 async def list_tasks(request: Request, envelope: bool) -> Response:
-    """The caller's tasks, filtered, sorted and paged; X-Total-Count counts every match."""
     if (query := parse_list_query(request.query_params)) is None:
         return reply([], envelope, headers={"X-Total-Count": "0"})
     rows = await request.app.state.database.fetch_all(query[0], query[1] | {"user_id": request.user.id})
@@ -758,7 +731,6 @@ async def create_task(request: Request, envelope: bool) -> Response:
 
 
 async def insert_task(request: Request, fields: dict, task_id: str, email: str | None, now: str):
-    """A new task of the caller's, or the 409 at the cap."""
     values = fields | {"id": task_id, "user_id": request.user.id, "email": email, "now": now}
     values["max_tasks"] = request.app.state.max_tasks_per_user
     if (row := await request.app.state.database.fetch_one(CREATE_TASK, values)) is None:
@@ -769,19 +741,17 @@ async def insert_task(request: Request, fields: dict, task_id: str, email: str |
 async def get_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
     if (row := await request.app.state.database.fetch_one(SELECT_TASK, values)) is None:
-        raise task_not_found()
+        raise HTTPException(404, TASK_NOT_FOUND)
     return reply(task_json(row), envelope)
 
 
-async def update_task(request: Request, envelope: bool) -> Response:
-    """PUT and PATCH alike: change the fields given, at least one."""
+async def update_task(request: Request, envelope: bool) -> Response:  # PUT and PATCH alike
     task_id = task_id_or_404(request)
     fields = parse_task_fields(await read_json_body(request), partial=True)
     return reply(await change_task(request, task_id, fields, flip=False), envelope)
 
 
-async def complete_task(request: Request, envelope: bool) -> Response:
-    """Flip `completed`, or set it when the body is {"completed": bool}."""
+async def complete_task(request: Request, envelope: bool) -> Response:  # flips, or sets {"completed": bool}
     task_id = task_id_or_404(request)
     body = await read_json_body(request, required=False)
     if body is not None and not isinstance(body, dict):
@@ -812,7 +782,7 @@ async def change_recurring_task(request: Request, task_id: str, fields: dict, fl
     """The careful path, inside the caller's transaction: lock the task, decide in Python, write."""
     old = await request.app.state.database.fetch_one(LOCK_TASK, {"id": task_id, "user_id": request.user.id})
     if old is None:
-        raise task_not_found()
+        raise HTTPException(404, TASK_NOT_FOUND)
     new = {name: fields.get(name, old[name]) for name in ("due_date", "due_at", "remind_at", "recurrence")}
     completes = not old["completed"] and (flip or fields.get("completed") is True)
     # A task gets at most one next occurrence, ever; none once it would fall past 9999-12-31.
@@ -846,12 +816,11 @@ def next_occurrence(task: dict) -> dict | None:
 async def delete_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
     if await request.app.state.database.fetch_one(DELETE_TASK, values) is None:
-        raise task_not_found()
+        raise HTTPException(404, TASK_NOT_FOUND)
     return Response(status_code=204)
 
 
-async def health(request: Request) -> Response:
-    """No token needed: the platform's health check calls it."""
+async def health(request: Request) -> Response:  # no token needed: the platform's health check calls it
     try:
         await request.app.state.database.execute("SELECT 1")
     except Exception as exc:
@@ -860,8 +829,7 @@ async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok", "database": "ok"})
 
 
-# ---------------------------------------------------------------------------------------------------
-# Errors: every error body is JSON with a `detail` key, and a 500 never shows internals. Logs name
+# === Errors: every error body is JSON with a `detail` key, and a 500 never shows internals. Logs name
 # the request id, the route template and the error's type only: an error's text may quote a row.
 
 
@@ -887,12 +855,6 @@ async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -
     return await http_error(request, invalid(error))
 
 
-# The database cannot be reached now (as opposed to a bug in a query): OSError is refused, reset,
-# unreachable and TimeoutError; then SQLSTATE classes 08, 53 (resources) and 57 (shutdown, statement_timeout).
-DATABASE_OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-DATABASE_OUTAGES += (asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError)
-
-
 async def database_error(request: Request, exc: Exception) -> Response:
     log.warning(where(request), f"database unavailable ({type(exc).__name__})")
     return JSONResponse({"detail": "Database unavailable"}, 503, headers={"Retry-After": "5"})
@@ -914,12 +876,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The request log, and the headers every response carries
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Made request ids: this process's random half, then a count; unique without a random draw each.
-REQUEST_ID_PREFIX, REQUEST_NUMBERS = secrets.token_hex(8), itertools.count()
+# === The request log, and the headers every response carries
 
 
 def response_headers(scope, request_id: str) -> dict:
@@ -961,8 +918,7 @@ class RequestLog:
             request_log.info("%s %s %s %d %.1fms", request_id, scope["method"], route, status, elapsed)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Routes and app
+# === Routes and app
 
 
 def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
@@ -983,9 +939,6 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
         route("/tasks/{task_id}/complete", complete_task, ["PATCH"]),
         route("/tasks/{task_id}/toggle", complete_task, ["PATCH"]),
     ]
-
-
-CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
 class CORS(CORSMiddleware):
