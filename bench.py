@@ -74,8 +74,8 @@ FLOOR_CREATE = positional(service.CREATE_TASK)
 FLOOR_CHANGE = positional(service.CHANGE_TASK)
 FLOOR_DELETE = positional(service.DELETE_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
-NO_FILTER = dict.fromkeys(("completed", "pattern", "due_before", "due_after", "overdue", "reminder_due"))
-NO_FILTER |= {"priorities": [1, 2, 3], "tag_keys": []}
+NO_FILTER = dict.fromkeys(("completed", "pattern", "priorities", "tag_keys", "due_before", "due_after", "overdue"))
+NO_FILTER |= {"reminder_due": None, "filtered": False}
 
 
 async def floor(scope, receive, send):
@@ -569,9 +569,8 @@ async def explain(url: str, user: str, task_id: str) -> dict:
 
 def scale(database_url: str, rounds: int) -> dict:
     results = {}
-    # One user holds a tenth of the table in both: 100 of 1,000, and 100,000 of 1,000,000.
-    for size, users in (("1,000 tasks", 10), ("1,000,000 tasks", 10)):
-        per_user = 100 if size.startswith("1,000 ") else 100_000
+    # 10 users of 100 tasks, and 100 users at the default cap of 10,000 (one user per request, either way).
+    for size, users, per_user in (("1,000 tasks", 10, 100), ("1,000,000 tasks", 100, 10_000)):
         owned = asyncio.run(seed(database_url, users, per_user))
         user = next(iter(owned))
         process, port = start_server("service:app", database_url)

@@ -45,7 +45,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # === Configuration, read once from the environment or a .env file (a deploy has none: only read one that exists).
-
 config = Config(".env" if Path(".env").is_file() else None)
 DATABASE_URL = config("DATABASE_URL", default="")  # unset: see main (a local PostgreSQL, on this machine only)
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
@@ -98,23 +97,23 @@ WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".j
 TASK_FIELDS = ("title", "description", "completed", "priority", "tags", "due_date", "remind_at", "recurrence")
 NEW_TASK_DEFAULTS = {"description": None, "completed": False, "priority": PRIORITIES["medium"], "tags": "[]"}
 NEW_TASK_DEFAULTS |= {"tag_keys": [], "due_date": None, "due_at": None, "remind_at": None, "recurrence": None}
-# ASCII digits only: \d would also take other scripts' digits, which int() reads as numbers.
-DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-DATE_TIME = re.compile(
-    r"([0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?)([Zz]|[+-][0-9]{2}:[0-9]{2})?"
-)
+# re.ASCII: \d would also take other scripts' digits, which int() reads as numbers.
+DATE = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
+DATE_TIME = re.compile(r"(\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{1,9})?)([Zz]|[+-]\d\d:\d\d)?", re.ASCII)
 BOOLEANS = {"true": True, "false": False}
+HS256_ALGORITHMS, JWKS_ALGORITHMS, REQUIRED_CLAIMS, ANY = ["HS256"], {"EdDSA", "ES256", "RS256"}, ["exp", "sub"], "*"
+INVALID_TOKEN = "Invalid or expired token"  # every way a token can fail: nobody learns which check failed
+Caller = collections.namedtuple("Caller", ["id", "email"])  # the token's sub, and its email if usable
 TASK_NOT_FOUND = "Task not found"  # the same bytes for a missing task and another user's
 ROLE_STATEMENT_TIMEOUT = f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
 SCHEMA_LOCK = 720_514_001  # any constant: the advisory lock's name among this database's locks
-# The database cannot be reached now (as opposed to a bug in a query): OSError is refused, reset,
-# unreachable and TimeoutError; then SQLSTATE classes 08, 53 (resources) and 57 (shutdown, statement_timeout).
+# The database is out of reach (not a bug): OSError (refused, reset, timeouts), SQLSTATE 08, 53 and 57.
 DATABASE_OUTAGES = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 DATABASE_OUTAGES += (asyncpg.InsufficientResourcesError, asyncpg.OperatorInterventionError)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Made request ids: this process's random half, then a count; unique without a random draw each.
 REQUEST_ID_PREFIX, REQUEST_NUMBERS = secrets.token_hex(8), itertools.count()
-CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
+CORS_EXPOSED_HEADERS, CORS_REQUEST_HEADERS = ["Location", "X-Total-Count"], ["Authorization", "Content-Type"]
 
 
 def is_loopback(host: str | None) -> bool:
@@ -144,8 +143,8 @@ def settings_problem() -> str | None:  # why the settings cannot work, in one li
     return None
 
 
-# Logs go to stdout, where Render and Fly collect them. They name route templates and error types,
-# never user ids, paths, queries, tokens, bodies or an error's text (a database error quotes rows).
+# Logs (stdout, for Render and Fly) name route templates and error types: never a user id, path, query,
+# token, body or an error's text (a database error quotes rows).
 log, request_log = logging.getLogger("service"), logging.getLogger("service.requests")
 
 
@@ -155,37 +154,26 @@ def without_exception_text(record: logging.LogRecord) -> bool:
 
 
 def configure_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    # Under `uvicorn service:app`: its access log has raw paths and query strings (ours is RequestLog),
-    # and its "Exception in ASGI application" the exception's text.
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under `uvicorn service:app`: its access log has raw paths (ours: RequestLog); its errors, their text.
     logging.getLogger("uvicorn.access").disabled = True
     if without_exception_text not in logging.getLogger("uvicorn.error").filters:
         logging.getLogger("uvicorn.error").addFilter(without_exception_text)
 
 
 # === Database: PostgreSQL through `databases` on asyncpg.
-
-
 def open_database(url: str, pooled: bool = DATABASE_POOLED) -> Database:
     # The pool resets nothing on release (asyncpg's own reset costs a query): no session state is kept.
-    options = {"reset": lambda connection: asyncio.sleep(0), "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS}
-    options["timeout"] = DATABASE_CONNECT_TIMEOUT_SECONDS
+    options = {"reset": lambda connection: asyncio.sleep(0), "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS}
     if sslmode := dict(parse_qsl(urlsplit(url).query)).get("sslmode"):  # `databases` passes on only its own ssl=
         options["ssl"] = sslmode
-    # PgBouncer keeps no statement prepared for us (before 1.21) and passes no startup setting on:
-    # there, each statement is prepared (and planned) anew, and statement_timeout is the role's (apply_schema).
-    # Directly, a prepared list must still be planned for its values: a generic plan cannot leave out
-    # the filters that are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
-    if pooled:
-        options["statement_cache_size"] = 0
-    else:
-        timeout = f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s"
-        options["server_settings"] = {"statement_timeout": timeout, "plan_cache_mode": "force_custom_plan"}
-    return Database(url, **options)
+    # PgBouncer keeps no statement prepared for us (before 1.21) and passes no startup setting on: there,
+    # each statement is prepared (and planned) anew, and statement_timeout is the role's (apply_schema).
+    # Directly, a list is still planned for its values: a generic plan cannot leave out the filters
+    # that are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
+    settings = {"statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s", "plan_cache_mode": "force_custom_plan"}
+    options |= {"statement_cache_size": 0} if pooled else {"server_settings": settings}
+    return Database(url, **options, command_timeout=DATABASE_COMMAND_TIMEOUT_SECONDS)
 
 
 class SchemaTooNew(RuntimeError):
@@ -198,15 +186,13 @@ def schema_steps() -> list[list[str]]:  # schema.sql's steps, each a list of sta
 
 
 async def apply_schema(database: Database, pooled: bool = False) -> None:
-    """Run the steps of schema.sql this database has not had, in one transaction under an advisory lock:
-    instances starting together take turns, the first upgrades, the others find nothing left to do."""
+    """Runs the steps of schema.sql a database has not had, in one transaction under a lock: starts take turns."""
     steps = schema_steps()
     async with database.transaction():
         await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})  # PgBouncer allows it
         await database.execute("SET LOCAL statement_timeout = 0")  # an upgrade of a large table may take long
         await database.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        # No version: a new database (0), or one made before schema_version, told by its users table:
-        # without task_count, release 1's (1); with it, release 2's (2).
+        # No version: new (0), or made before schema_version: users without task_count (1), with it (2).
         version = await database.fetch_val("SELECT version FROM schema_version") or await database.fetch_val(
             "SELECT count(DISTINCT column_name = 'task_count') FROM information_schema.columns "
             "WHERE table_schema = current_schema() AND table_name = 'users'"
@@ -242,23 +228,16 @@ def utc_now() -> str:
 # === Authentication: the BearerAuth middleware turns a request into its caller, or a 401 / 403.
 #
 # Token policy, all of it (a reviewer should agree with each line):
-# - HS256 tokens, signed with BETTER_AUTH_SECRET: HS256 only. `iss` and `aud` are not checked, because
-#   whoever holds the secret can write any claims: the secret is the whole trust.
-# - Better Auth's JWKS tokens: the algorithm is the one the key's type allows (EdDSA, ES256, RS256),
-#   never the token's `alg` alone, so an HS256 token "signed" with a public key is refused. `iss` and
-#   `aud` must be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's tokens from the
-#   same Better Auth are not ours. "*" turns a check off, for operators who share tokens deliberately.
-# - Both: `exp` and `sub` are required, `nbf` is honoured, with CLOCK_SKEW_LEEWAY. `exp`, `nbf` and
-#   `iat` must be numbers JavaScript holds exactly (not strings, booleans, NaN or over 2**53); `sub`
-#   a non-blank string of at most MAX_SUBJECT_LENGTH characters that PostgreSQL can store. `email`
-#   is kept only when it is such a string too (at most MAX_EMAIL_LENGTH). Tokens over MAX_TOKEN_BYTES
-#   are not read. Anything else is the one 401: no claim value can reach a 500.
-
-HS256_ALGORITHMS, JWKS_ALGORITHMS, REQUIRED_CLAIMS, ANY = ["HS256"], {"EdDSA", "ES256", "RS256"}, ["exp", "sub"], "*"
-INVALID_TOKEN = "Invalid or expired token"  # every way a token can fail: nobody learns which check failed
-Caller = collections.namedtuple("Caller", ["id", "email"])  # the token's sub, and its email if usable
-
-
+# - HS256 tokens, signed with BETTER_AUTH_SECRET: HS256 only. `iss` and `aud` are not checked: whoever
+#   holds the secret can write any claims, the secret is the whole trust.
+# - Better Auth's JWKS tokens: the algorithm is the one the key's type allows (EdDSA, ES256, RS256), never
+#   the token's `alg` alone, so an HS256 token "signed" with a public key is refused. `iss` and `aud` must
+#   be JWT_ISSUER / JWT_AUDIENCE (Better Auth's base URL): another service's tokens from the same Better
+#   Auth are not ours ("*" turns a check off, for operators who share tokens deliberately).
+# - Both: `exp` and `sub` required, `nbf` honoured, with CLOCK_SKEW_LEEWAY. `exp`, `nbf`, `iat` numbers that
+#   JavaScript holds exactly; `sub` a non-blank string of at most MAX_SUBJECT_LENGTH that PostgreSQL can
+#   store; `email` kept only if such a string (MAX_EMAIL_LENGTH). Tokens over MAX_TOKEN_BYTES are not read.
+#   Anything else is the one 401: no claim value can reach a 500.
 def unauthorized(detail: str = INVALID_TOKEN) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
@@ -272,9 +251,10 @@ def decode(token: str, key, algorithms: list[str], issuer: str = ANY, audience: 
     # PyJWT converts time claims with int(): a list is a TypeError, an infinity an OverflowError.
     except (jwt.InvalidTokenError, TypeError, ValueError, OverflowError):
         raise unauthorized() from None
-    for value in (claims.get(name, 0) for name in ("exp", "nbf", "iat")):  # PyJWT takes "1999999999" for a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= 2**53:  # NaN too
-            raise unauthorized()
+    # PyJWT takes "1999999999" for a number; JavaScript holds 2**53 exactly (`not <=` is True for NaN too).
+    times = [claims.get(name, 0) for name in ("exp", "nbf", "iat")]
+    if any(isinstance(t, bool) or not isinstance(t, (int, float)) or not abs(t) <= 2**53 for t in times):
+        raise unauthorized()
     if not (is_storable_text(claims["sub"], MAX_SUBJECT_LENGTH) and claims["sub"].strip()):
         raise unauthorized()
     return claims
@@ -285,11 +265,10 @@ def is_storable_text(value, max_length: int) -> bool:
 
 
 async def fetch_jwks(url: str):
-    """The JWKS, parsed: within JWKS_DEADLINE_SECONDS for all of it (a server that drips bytes cannot
-    hold it longer) and JWKS_MAX_BYTES; only a 200 (no redirect followed); no proxy from the environment."""
+    """The JWKS within JWKS_DEADLINE_SECONDS in all (however a server drips) and JWKS_MAX_BYTES; a 200 only."""
     async with (
         asyncio.timeout(JWKS_DEADLINE_SECONDS),
-        httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,
+        httpx.AsyncClient(follow_redirects=False, trust_env=False) as http,  # no redirect, no proxy from env
         http.stream("GET", url, headers={"Accept": "application/json"}) as response,
     ):
         if response.status_code != 200:
@@ -316,9 +295,8 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:  # signing keys by kid, each boun
 
 
 class KeySet:
-    """Better Auth's public keys: fetched on first use and for an unknown kid (key rotation); in the
-    background once JWKS_REFRESH_SECONDS old; never used once JWKS_MAX_AGE_SECONDS old (the request
-    waits for a fetch). At most one fetch per JWKS_REFETCH_SECONDS; a failed or empty one keeps the keys."""
+    """Better Auth's public keys: fetched for an unknown kid (rotation) and, in the background, at JWKS_REFRESH_SECONDS;
+    never used at JWKS_MAX_AGE_SECONDS. One fetch per JWKS_REFETCH_SECONDS; a failed or empty one keeps the keys."""
 
     def __init__(self, url: str) -> None:
         self.url, self.keys, self.fetches = url, {}, 0
@@ -360,8 +338,7 @@ class TokenVerifier:  # a bearer token becomes its caller, under the token polic
         self.clock = time.time
 
     async def caller(self, token: str) -> Caller:
-        """A client sends the same token with every request: a verified one is remembered (by its SHA-256)
-        until it expires, and checked in full again after VERIFIED_TOKEN_SECONDS (a removed key stops working)."""
+        """A verified token is remembered (by SHA-256) till it expires; checked in full every VERIFIED_TOKEN_SECONDS."""
         if len(token) > MAX_TOKEN_BYTES:
             raise unauthorized()
         key, now = hashlib.sha256(token.encode()).digest(), self.clock()
@@ -417,7 +394,6 @@ class BearerAuth:
 
 
 # === SQL. Every statement on a user's data names the user: `user_id = :user_id` on tasks, `id = :user_id` on users.
-
 TASK_COLUMNS = (
     "id, user_id, title, description, completed, priority, tags, due_date, remind_at, recurrence, "
     "next_occurrence_id, created_at, updated_at"
@@ -479,16 +455,15 @@ DELETE_TASK = """
     SELECT id FROM deleted
 """
 
-# Which of the user's tasks a list shows. A filter is off when its value is NULL (for priorities, all
-# three; for tags, none: every task's keys contain the empty array). The instants compared are due_at
-# and remind_at, in the fixed timestamp format, where text order is time order.
+# Which of the user's tasks a list shows. A filter is off when its value is NULL: planned for its values,
+# the statement then leaves it out. due_at and remind_at are in the one timestamp format: text order is time order.
 MATCHING_TASKS = """
     user_id = :user_id
     AND (CAST(:completed AS boolean) IS NULL OR completed = :completed)
     AND (CAST(:pattern AS text) IS NULL
          OR lower(title) LIKE :pattern ESCAPE '!' OR lower(description) LIKE :pattern ESCAPE '!')
-    AND priority = ANY(CAST(:priorities AS integer[]))
-    AND tag_keys @> CAST(:tag_keys AS text[])
+    AND (CAST(:priorities AS integer[]) IS NULL OR priority = ANY(:priorities))
+    AND (CAST(:tag_keys AS text[]) IS NULL OR tag_keys @> :tag_keys)
     AND (CAST(:due_before AS text) IS NULL OR due_at < :due_before)
     AND (CAST(:due_after AS text) IS NULL OR due_at > :due_after)
     AND (CAST(:overdue AS boolean) IS NULL OR (COALESCE(due_at < :now, FALSE) AND NOT completed) = :overdue)
@@ -496,19 +471,20 @@ MATCHING_TASKS = """
          OR (COALESCE(remind_at <= :now, FALSE) AND NOT completed) = :reminder_due)
 """
 
-# How each sort orders, from fixed text (never from the request); ties are broken by id, so paging
-# never repeats or skips. Tasks without a due date come last in either order.
+# Each sort from fixed text (never the request's); ties broken by id, so paging never repeats or skips.
 SORTS = {"created_at": "created_at {0}, id {0}", "updated_at": "updated_at {0}, id {0}", "title": "title {0}, id {0}"}
 SORTS |= {"priority": "priority {0}, id {0}", "due_date": "(due_at IS NULL), due_at {0}, id {0}"}
 SORT_ORDERS = {"asc": "ASC", "desc": "DESC"}
 
 # One statement per list: the total (X-Total-Count) beside the page, so a page past the end still has
 # its total (one row of NULLs but for the total). NOT MATERIALIZED: the count and the page are each
-# planned on their own (the count from an index alone, the page from the index in its order).
+# planned on their own. Unfiltered, the total is the user's task_count, not a count of their tasks.
 LIST_TASKS = {
     (sort, order): f"""
         WITH matching AS NOT MATERIALIZED (SELECT {TASK_COLUMNS}, due_at FROM tasks WHERE {MATCHING_TASKS})
-        SELECT total.count AS total_count, page.* FROM (SELECT count(*) FROM matching) AS total
+        SELECT COALESCE(CASE WHEN :filtered THEN (SELECT count(*) FROM matching)
+                             ELSE (SELECT task_count FROM users WHERE id = :user_id) END, 0) AS total_count, page.*
+        FROM (SELECT) AS total
         LEFT JOIN (SELECT * FROM matching ORDER BY {sql.format(direction)} LIMIT :limit OFFSET :offset) AS page ON TRUE
         ORDER BY {sql.format(direction)}
     """
@@ -516,9 +492,8 @@ LIST_TASKS = {
     for order, direction in SORT_ORDERS.items()
 }
 
+
 # === Request parsing and validation: clean values, or a 400 / 413 / 422 in the contract's shape.
-
-
 def invalid(*errors: tuple) -> HTTPException:  # a 422 in FastAPI's shape; each error is (loc, msg, type)
     return HTTPException(422, [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors])
 
@@ -625,9 +600,7 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
     if not (parts := DATE_TIME.fullmatch(value)) and not (date_means and DATE.fullmatch(value)):
         raise ValueError(f"Input should be {expected}", "datetime_parsing")
     if parts and not parts[3]:
-        raise ValueError(
-            "A date-time needs Z or an offset such as +02:00: without one it is ambiguous", "timezone_aware"
-        )
+        raise ValueError("A date-time needs Z or an offset such as +02:00 (without, it is ambiguous)", "timezone_aware")
     try:
         if parts:  # fromisoformat takes at most 6 digits of a second
             moment = datetime.fromisoformat(parts[1][:26] + parts[3].upper()).astimezone(UTC)
@@ -696,16 +669,17 @@ def parse_list_query(params) -> tuple[str, dict] | None:
     if completed is not None and BOOLEANS[completed] != wanted or not all(is_storable_text(t, TAG_MAX) for t in tags):
         return None
     like = q.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")  # '!' is MATCHING_TASKS' ESCAPE
-    values = {"completed": wanted, "pattern": f"%{like}%" if q else None, "now": utc_now(), "limit": limit}
-    values |= {"priorities": [PRIORITIES[p] for p in priorities] or list(PRIORITY_NAMES), "offset": offset}
-    values |= {"tag_keys": list(dict.fromkeys(tag.casefold() for tag in tags)), **moments}
-    return LIST_TASKS[(sort, order)], values | {name: BOOLEANS.get(flag) for name, flag in flags.items()}
+    values = {"completed": wanted, "pattern": f"%{like}%" if q else None, **moments}
+    values |= {
+        "priorities": [PRIORITIES[p] for p in priorities] or None,
+        "tag_keys": [t.casefold() for t in tags] or None,
+    }
+    values |= {name: BOOLEANS.get(flag) for name, flag in flags.items()}
+    values["filtered"] = any(value is not None for value in values.values())  # else the total is task_count
+    return LIST_TASKS[(sort, order)], values | {"now": utc_now(), "limit": limit, "offset": offset}
 
 
-# === Handlers. Each reads its caller from request.user (set by BearerAuth) and is given `envelope`
-# by its route family: token-scoped routes wrap bodies as {"data": ...}, path-scoped ones do not.
-
-
+# === Handlers: the caller is request.user (BearerAuth's); `envelope` (token-scoped routes) wraps as {"data": ...}.
 def task_json(row) -> dict:
     row = row._mapping  # asyncpg's own record: `databases`' wrapper looks up every column in Python
     task = {name: row[name] for name in TASK_FIELD_NAMES}
@@ -829,10 +803,7 @@ async def health(request: Request) -> Response:  # no token needed: the platform
     return JSONResponse({"status": "ok", "database": "ok"})
 
 
-# === Errors: every error body is JSON with a `detail` key, and a 500 never shows internals. Logs name
-# the request id, the route template and the error's type only: an error's text may quote a row.
-
-
+# === Errors: JSON with a `detail` key; a 500 shows no internals. Logs name the route and error type, not its text.
 def where(request: Request) -> str:
     route = request.scope["route"].path if "route" in request.scope else "-"
     return f"request {request.scope.get('state', {}).get('request_id', '-')}: %s on {request.method} {route}"
@@ -841,9 +812,7 @@ def where(request: Request) -> str:
 async def http_error(request: Request, exc: HTTPException) -> Response:
     headers = exc.headers
     if exc.status_code == 405:  # Starlette's Allow names only the first route on the path; each method has its own
-        allowed = {
-            m for route in request.app.routes if route.path_regex.fullmatch(request.url.path) for m in route.methods
-        }
+        allowed = {m for r in request.app.routes if r.path_regex.fullmatch(request.url.path) for m in r.methods}
         headers = {"Allow": ", ".join(sorted(allowed))}
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
@@ -864,21 +833,15 @@ async def server_error(request: Request, exc: Exception) -> Response:
     # Where in this file it failed, never the exception's text, which may quote a row or what the client sent.
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename == __file__]
     log.error(where(request) + "\n%s", type(exc).__name__, "".join(traceback.format_list(frames)))
-    # This response leaves from outside RequestLog and CORSMiddleware, so it carries their headers
-    # itself: a browser at an allowed origin could not read the error otherwise.
+    # This response leaves from outside RequestLog and CORS: it carries their headers itself.
     headers = response_headers(request.scope, request.scope.get("state", {}).get("request_id", "-"))
-    if request.headers.get("origin") in CORS_ORIGINS:
-        headers |= {
-            "Access-Control-Allow-Origin": request.headers["origin"],
-            "Access-Control-Allow-Credentials": "true",
-        }
-        headers |= {"Access-Control-Expose-Headers": ", ".join(CORS_EXPOSED_HEADERS)}
+    if (origin := request.headers.get("origin")) in CORS_ORIGINS:
+        cors = {"Allow-Origin": origin, "Allow-Credentials": "true", "Expose-Headers": ", ".join(CORS_EXPOSED_HEADERS)}
+        headers |= {f"Access-Control-{name}": value for name, value in cors.items()}
     return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
 
 
 # === The request log, and the headers every response carries
-
-
 def response_headers(scope, request_id: str) -> dict:
     # Vary: a response differs by Origin (CORS headers), so a cache must not serve it to another.
     headers = {"X-Request-ID": request_id, "X-Content-Type-Options": "nosniff", "Vary": "Origin"}
@@ -888,7 +851,7 @@ def response_headers(scope, request_id: str) -> dict:
 
 
 class RequestLog:
-    """Gives every request an id (the caller's X-Request-ID if sane) and the headers every response carries,
+    """Gives each request an id (the caller's X-Request-ID if sane) and the headers every response carries,
     and logs one line: id, method, route template (no user id, query, token or body), status, milliseconds."""
 
     def __init__(self, app: ASGIApp) -> None:
@@ -919,11 +882,8 @@ class RequestLog:
 
 
 # === Routes and app
-
-
 def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
-    """A route family: path-scoped (/api/{user_id}/...) bodies are bare, token-scoped ones {"data": ...}.
-    Every route, without exception, is behind BearerAuth."""
+    """A route family, every route behind BearerAuth: path-scoped bodies are bare, token-scoped ones {"data": ...}."""
     auth = [Middleware(BearerAuth, path_scoped=path_scoped)]
 
     def route(path: str, handler, methods: list[str]) -> Route:
@@ -942,8 +902,7 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
 
 
 class CORS(CORSMiddleware):
-    """Starlette's, but another origin (or none) gets no CORS header at all: Starlette's would still send it
-    Allow-Credentials and Expose-Headers. Vary: Origin is on every response (response_headers)."""
+    """Starlette's, but another origin (or none) gets no CORS header at all (Starlette's still sends it some)."""
 
     async def simple_response(self, scope: Scope, receive: Receive, send: Send, request_headers: Headers) -> None:
         if self.is_allowed_origin(request_headers.get("origin", "")) and "origin" in request_headers:
@@ -970,20 +929,13 @@ def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None 
         if not database_url:
             raise RuntimeError("service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL")
         log.info("accepting tokens: %s", app.state.verifier.accepted())
-        app.state.database = open_database(database_url, pooled)
-        await app.state.database.connect()
-        try:
+        async with open_database(database_url, pooled) as app.state.database:  # connected, then disconnected
             await apply_schema(app.state.database, pooled)
             yield
-        finally:
-            await app.state.database.disconnect()
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
     cors = {"allow_origins": list(CORS_ORIGINS), "allow_credentials": True, "expose_headers": CORS_EXPOSED_HEADERS}
-    cors |= {
-        "allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"],
-        "allow_headers": ["Authorization", "Content-Type"],
-    }
+    cors |= {"allow_methods": ["GET", "POST", "PUT", "PATCH", "DELETE"], "allow_headers": CORS_REQUEST_HEADERS}
     handlers = {HTTPException: http_error, asyncpg.CheckViolationError: constraint_error, Exception: server_error}
     middleware = [Middleware(RequestLog), Middleware(CORS, **cors, max_age=600)]
     handlers |= dict.fromkeys(DATABASE_OUTAGES, database_error)
@@ -998,12 +950,8 @@ app = create_app()
 
 async def prepare_database(url: str) -> None:
     """The schema, before serving: `python service.py` refuses a database newer than the code in one line."""
-    database = open_database(url)
-    await database.connect()
-    try:
+    async with open_database(url) as database:
         await apply_schema(database, DATABASE_POOLED)
-    finally:
-        await database.disconnect()
 
 
 def main(argv: list[str]) -> None:
