@@ -2581,7 +2581,8 @@ def request_lines(caplog) -> list[str]:
 
 def service_log(caplog) -> str:
     """What the service logged (not the test client, which logs the URLs it calls)."""
-    return "\n".join(record.getMessage() for record in caplog.records if record.name.startswith("service"))
+    formatter = logging.Formatter()  # the message, and a traceback if one was logged
+    return "\n".join(formatter.format(record) for record in caplog.records if record.name.startswith("service"))
 
 
 async def test_each_request_is_logged_once_with_its_id_and_nothing_secret(client, caplog):
