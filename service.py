@@ -274,7 +274,7 @@ async def fetch_jwks(url: str):
         if response.status_code != 200:
             raise ValueError(f"answered {response.status_code}")
         body = bytearray()
-        async for chunk in response.aiter_raw():
+        async for chunk in response.aiter_bytes():  # decoded (gzip too), so the cap holds for what is parsed
             body += chunk
             if len(body) > JWKS_MAX_BYTES:
                 raise ValueError(f"more than {JWKS_MAX_BYTES} bytes")

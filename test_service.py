@@ -8,6 +8,7 @@ PostgreSQL or PgBouncer that cannot be started fails the run instead of skipping
 
 import ast
 import asyncio
+import gzip
 import hashlib
 import hmac
 import json
@@ -225,11 +226,11 @@ def initial_jwks() -> dict:
 
 
 class JWKSServer(ThreadingHTTPServer):
-    """Serves `document` (or `raw` bytes) at /api/auth/jwks; counts requests; `down` answers 503;
-    `gate` holds answers."""
+    """Serves `document` (or `raw` bytes; gzip-encoded if `gzip`) at /api/auth/jwks; counts requests;
+    `down` answers 503; `gate` holds answers."""
 
     def reset(self):
-        self.document, self.requests, self.down, self.raw = initial_jwks(), 0, False, None
+        self.document, self.requests, self.down, self.raw, self.gzip = initial_jwks(), 0, False, None, False
         self.gate = threading.Event()
         self.gate.set()
 
@@ -248,6 +249,9 @@ class JWKSHandler(BaseHTTPRequestHandler):
         status, body = (503, b"{}") if self.server.down else (200, json.dumps(self.server.document).encode())
         body = self.server.raw or body
         self.send_response(status)
+        if self.server.gzip:  # as a CDN in front of Better Auth may answer
+            body = gzip.compress(body)
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -1105,6 +1109,11 @@ async def test_an_unreachable_jwks_endpoint_with_a_cold_cache_is_401_not_500(cli
     assert response.status_code == 401
     assert response.json() == {"detail": INVALID}
     assert (await client.get("/api/tasks", headers=auth())).status_code == 200  # HS256 still works
+
+
+async def test_a_gzip_encoded_jwks_is_read(client, jwks):
+    jwks.gzip = True
+    assert (await client.get("/api/tasks", headers=bearer(better_auth_token()))).status_code == 200
 
 
 async def test_a_jwks_answering_503_with_a_cold_cache_is_401(client, jwks):
