@@ -912,7 +912,7 @@ class CORS(CORSMiddleware):
 # specific match ("/api/tasks/{task_id}" would otherwise be the list of a user called "tasks").
 routes = [
     Route("/health", health, methods=["GET"]),
-    Route("/openapi.json", lambda _: Response(OPENAPI_PATH.read_bytes(), media_type="application/json")),
+    Route("/openapi.json", lambda request: Response(request.app.state.openapi, media_type="application/json")),
     *task_routes("/api", path_scoped=False),
     *task_routes("/api/{user_id}", path_scoped=True),
 ]
@@ -938,7 +938,7 @@ def create_app(database_url: str = DATABASE_URL, verifier: TokenVerifier | None 
     middleware = [Middleware(RequestLog), Middleware(CORS, **cors, max_age=600)]
     handlers |= dict.fromkeys(DATABASE_OUTAGES, database_error)
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-    app.state.max_tasks_per_user = MAX_TASKS_PER_USER
+    app.state.max_tasks_per_user, app.state.openapi = MAX_TASKS_PER_USER, OPENAPI_PATH.read_bytes()  # read once
     app.state.verifier = verifier or TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
     return app
 
