@@ -41,7 +41,9 @@ from starlette.datastructures import QueryParams  # noqa: E402
 
 import service  # noqa: E402
 
-logging.getLogger("httpx").setLevel(logging.WARNING)  # service.py logs at INFO; the bench's own calls are noise
+logging.getLogger("httpx").setLevel(
+    logging.WARNING
+)  # service.py logs at INFO; the bench's own calls are noise
 
 HERE = Path(__file__).parent
 ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
@@ -49,7 +51,14 @@ ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
 SEQUENTIAL = (*ENDPOINTS, "complete recurring")
 # The fixed mix, one cycle of ten requests: reads dominate, and creates balance deletes.
 MIX = ("list", "get", "list", "get", "create", "toggle", "get", "update", "list", "delete")
-EXPECTED_STATUS = {"list": 200, "get": 200, "create": 201, "toggle": 200, "update": 200, "delete": 204}
+EXPECTED_STATUS = {
+    "list": 200,
+    "get": 200,
+    "create": 201,
+    "toggle": 200,
+    "update": 200,
+    "delete": 204,
+}
 EXPECTED_STATUS["complete recurring"] = 200
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,13 +77,17 @@ def positional(sql: str) -> tuple[str, list[str]]:
     return re.sub(r"(?<![:\w]):(\w+)", number, sql), names
 
 
-FLOOR_LIST = positional(service.LIST_TASKS[("created_at", "desc")])
+FLOOR_LIST = positional(
+    service.LIST_TASKS.format(order_by=service.LIST_ORDERS[("created_at", "desc")])
+)
 FLOOR_SELECT = positional(service.SELECT_TASK)
 FLOOR_CREATE = positional(service.CREATE_TASK)
 FLOOR_CHANGE = positional(service.CHANGE_TASK)
 FLOOR_DELETE = positional(service.DELETE_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
-NO_FILTER = dict.fromkeys(("completed", "pattern", "priorities", "tag_keys", "due_before", "due_after", "overdue"))
+NO_FILTER = dict.fromkeys(
+    ("completed", "pattern", "priorities", "tag_keys", "due_before", "due_after", "overdue")
+)
 NO_FILTER |= {"reminder_due": None, "filtered": False}
 
 
@@ -100,7 +113,10 @@ async def floor(scope, receive, send):
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(content)).encode()),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": content})
@@ -112,19 +128,34 @@ async def floor_handle(scope, body: bytes):
         return 200, {"status": "ok"}
     authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
     try:
-        claims = jwt.decode(authorization[7:], SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        claims = jwt.decode(
+            authorization[7:], SECRET, algorithms=["HS256"], options={"require": ["exp", "sub"]}
+        )
     except jwt.InvalidTokenError:
         return 401, {"detail": "Invalid or expired token"}
     route = FLOOR_ROUTE.match(scope["path"])
     if route is None or route.group(1) != claims["sub"]:
         return 404, {"detail": "Not Found"}
-    user_id, task_id, method, now = claims["sub"], route.group(2), scope["method"], service.utc_now()
+    user_id, task_id, method, now = (
+        claims["sub"],
+        route.group(2),
+        scope["method"],
+        service.utc_now(),
+    )
     if task_id is None and method == "GET":
-        rows = await floor_fetch(FLOOR_LIST, **NO_FILTER, user_id=user_id, now=now, limit=50, offset=0)
+        rows = await floor_fetch(
+            FLOOR_LIST, **NO_FILTER, user_id=user_id, now=now, limit=50, offset=0
+        )
         return 200, [floor_json(row) for row in rows if row["id"] is not None]
     if task_id is None:
         values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip()}
-        values |= {"id": str(uuid.uuid4()), "user_id": user_id, "email": None, "now": now, "max_tasks": 10_000}
+        values |= {
+            "id": str(uuid.uuid4()),
+            "user_id": user_id,
+            "email": None,
+            "now": now,
+            "max_tasks": 10_000,
+        }
         [row] = await floor_fetch(FLOOR_CREATE, **values)
         return 201, floor_json(row)
     if method == "GET":
@@ -132,7 +163,14 @@ async def floor_handle(scope, body: bytes):
     elif method in ("PATCH", "PUT"):
         flip = method == "PATCH"
         changes = json.dumps({} if flip else {"title": json.loads(body)["title"].strip()})
-        values = {"id": task_id, "user_id": user_id, "now": now, "flip": flip, "careful": True, "completing": flip}
+        values = {
+            "id": task_id,
+            "user_id": user_id,
+            "now": now,
+            "flip": flip,
+            "careful": True,
+            "completing": flip,
+        }
         rows = await floor_fetch(FLOOR_CHANGE, **values, changes=changes, next_occurrence_id=None)
     else:
         rows = await floor_fetch(FLOOR_DELETE, id=task_id, user_id=user_id)
@@ -141,7 +179,9 @@ async def floor_handle(scope, body: bytes):
 
 
 def floor_json(row) -> dict:
-    return service.task_json(SimpleNamespace(_mapping=row))  # the service reads asyncpg's record from `databases`'
+    return service.task_json(
+        SimpleNamespace(_mapping=row)
+    )  # the service reads asyncpg's record from `databases`'
 
 
 async def floor_fetch(statement: tuple[str, list[str]], **values) -> list:
@@ -156,13 +196,17 @@ async def floor_fetch(statement: tuple[str, list[str]], **values) -> list:
 
 def token(user_id: str) -> str:
     now = datetime.now(UTC)
-    return jwt.encode({"sub": user_id, "iat": now, "exp": now + timedelta(hours=2)}, SECRET, algorithm="HS256")
+    return jwt.encode(
+        {"sub": user_id, "iat": now, "exp": now + timedelta(hours=2)}, SECRET, algorithm="HS256"
+    )
 
 
 TAG_POOL = 50  # each task has one of 50 tags, so a tag filter matches 2% of a user's tasks
 
 
-async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") -> dict[str, list[str]]:
+async def seed(
+    url: str, users: int, tasks_per_user: int, prefix: str = "user"
+) -> dict[str, list[str]]:
     """Empty the tables and fill them; the task ids of each user. Tasks have every priority, a due
     date on two in three (dates and date-times), and one tag each."""
     db = service.open_database(url)
@@ -173,23 +217,47 @@ async def seed(url: str, users: int, tasks_per_user: int, prefix: str = "user") 
     try:
         await connection.execute("TRUNCATE users, tasks")
         now = service.utc_now()
-        owned = {f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)] for u in range(users)}
+        owned = {
+            f"{prefix}-{u}": [str(uuid.uuid4()) for _ in range(tasks_per_user)]
+            for u in range(users)
+        }
 
         def due(i: int) -> tuple:
             if i % 3 == 2:
                 return None, None
             moment = service.stamp(datetime(2026, 1, 1) + timedelta(minutes=37 * i))
-            return (moment[:10], moment[:10] + "T23:59:59.999999Z") if i % 3 == 0 else (moment, moment)
+            return (
+                (moment[:10], moment[:10] + "T23:59:59.999999Z") if i % 3 == 0 else (moment, moment)
+            )
 
         await connection.copy_records_to_table(
             "users",
             columns=["id", "email", "created_at", "task_count"],
             records=[(u, None, now, tasks_per_user) for u in owned],
         )
-        columns = ["id", "user_id", "title", "description", "completed", "created_at", "updated_at", "priority"]
+        columns = [
+            "id",
+            "user_id",
+            "title",
+            "description",
+            "completed",
+            "created_at",
+            "updated_at",
+            "priority",
+        ]
         columns += ["tags", "tag_keys", "due_date", "due_at"]
         records = (
-            (task_id, user, f"task {i} of {user}", None, i % 3 == 0, now, now, i % 3 + 1, f'["tag-{i % TAG_POOL}"]')
+            (
+                task_id,
+                user,
+                f"task {i} of {user}",
+                None,
+                i % 3 == 0,
+                now,
+                now,
+                i % 3 + 1,
+                f'["tag-{i % TAG_POOL}"]',
+            )
             + ([f"tag-{i % TAG_POOL}"], *due(i))
             for user, ids in owned.items()
             for i, task_id in enumerate(ids)
@@ -235,7 +303,9 @@ def endpoint_request(endpoint: str, user: str, ids: list[str], bearer: str, step
     if endpoint == "toggle":
         return request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}/toggle", bearer)
     if endpoint == "update":
-        return request_bytes("PUT", f"{base}/{ids[step % len(ids)]}", bearer, b'{"title": "renamed"}')
+        return request_bytes(
+            "PUT", f"{base}/{ids[step % len(ids)]}", bearer, b'{"title": "renamed"}'
+        )
     return request_bytes("DELETE", f"{base}/{ids.pop()}", bearer)
 
 
@@ -253,14 +323,20 @@ async def drive_connection(port, owned, tokens, stop_at, record):
             started = time.perf_counter()
             writer.write(message)
             status, body = await read_response(reader)
-            record(endpoint, (time.perf_counter() - started) * 1000, status == EXPECTED_STATUS[endpoint])
+            record(
+                endpoint,
+                (time.perf_counter() - started) * 1000,
+                status == EXPECTED_STATUS[endpoint],
+            )
             if endpoint == "create" and status == 201:
                 ids.append(json.loads(body)["id"])
     finally:
         writer.close()
 
 
-async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips, endpoints=ENDPOINTS) -> dict:
+async def one_at_a_time(
+    port: int, owned: dict, rounds: int, round_trips, endpoints=ENDPOINTS
+) -> dict:
     """Each endpoint `rounds` times, one request at a time: its latencies, and the round trips to the
     database each request made (read from the delay proxy's counter)."""
     user = next(iter(owned))
@@ -272,7 +348,9 @@ async def one_at_a_time(port: int, owned: dict, rounds: int, round_trips, endpoi
             latencies, trips = [], []
             for step in range(rounds):
                 if endpoint == "complete recurring":  # a new recurring task for each, not counted
-                    recurring = b'{"title": "weekly", "due_date": "2026-01-16", "recurrence": "weekly"}'
+                    recurring = (
+                        b'{"title": "weekly", "due_date": "2026-01-16", "recurrence": "weekly"}'
+                    )
                     writer.write(request_bytes("POST", f"/api/{user}/tasks", bearer, recurring))
                     ids.append(json.loads((await read_response(reader))[1])["id"])
                 message = endpoint_request(endpoint, user, ids, bearer, step)
@@ -314,7 +392,11 @@ def load_generator(port, owned, concurrency, warmup, duration, results):
         nonlocal measuring
         start = time.perf_counter()
         stop_at = start + warmup + duration
-        workers = [asyncio.create_task(drive_connection(port, s, tokens, stop_at, record)) for s in slices if s]
+        workers = [
+            asyncio.create_task(drive_connection(port, s, tokens, stop_at, record))
+            for s in slices
+            if s
+        ]
         await asyncio.sleep(warmup)
         measuring = True
         await asyncio.gather(*workers)
@@ -327,7 +409,9 @@ def load_generator(port, owned, concurrency, warmup, duration, results):
 # The network: a proxy that delays every byte by the same time each way and counts round trips
 
 
-def delay_proxy(listen_port: int, target: tuple[str, int], delay_ms: float, round_trips, ready) -> None:
+def delay_proxy(
+    listen_port: int, target: tuple[str, int], delay_ms: float, round_trips, ready
+) -> None:
     """Runs in its own process, as the network would. A message from client to database after
     traffic the other way starts a new round trip: `round_trips` counts them, across connections."""
     delay = delay_ms / 1000
@@ -380,7 +464,9 @@ def start_delay_proxy(database_url: str, delay_ms: float):
     parts = urlsplit(database_url)
     port, round_trips, ready = free_port(), multiprocessing.Value("q", 0), multiprocessing.Event()
     process = multiprocessing.Process(
-        target=delay_proxy, args=(port, (parts.hostname, parts.port or 5432), delay_ms, round_trips, ready), daemon=True
+        target=delay_proxy,
+        args=(port, (parts.hostname, parts.port or 5432), delay_ms, round_trips, ready),
+        daemon=True,
     )
     process.start()
     ready.wait(10)
@@ -404,8 +490,17 @@ def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
     another checkout with its own Python (how README's "before" columns were measured)."""
     port = free_port()
     here = Path(os.environ.get("BENCH_SERVICE_DIR", HERE)) if app == "service:app" else HERE
-    python = os.environ.get("BENCH_SERVICE_PYTHON", sys.executable) if app == "service:app" else sys.executable
-    env = {**os.environ, "DATABASE_URL": database_url, "BETTER_AUTH_SECRET": SECRET, "PYTHONPATH": str(here)}
+    python = (
+        os.environ.get("BENCH_SERVICE_PYTHON", sys.executable)
+        if app == "service:app"
+        else sys.executable
+    )
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": SECRET,
+        "PYTHONPATH": str(here),
+    }
     for name in ("BETTER_AUTH_URL", "JWKS_URL", "JWT_ISSUER", "JWT_AUDIENCE"):
         env.pop(name, None)
     process = subprocess.Popen(
@@ -441,18 +536,25 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
-def measure(app: str, database_url: str, args, served_url: str | None = None, round_trips=None) -> dict:
+def measure(
+    app: str, database_url: str, args, served_url: str | None = None, round_trips=None
+) -> dict:
     """Seed, start `app` on `served_url` (the database through the delay proxy, if any), then one
     request at a time per endpoint, then the mixed load at --concurrency."""
     owned = asyncio.run(seed(database_url, args.users, args.tasks))
     process, port = start_server(app, served_url or database_url)
     try:
-        endpoints = SEQUENTIAL if app == "service:app" else ENDPOINTS  # the floor has no recurring tasks
-        asyncio.run(one_at_a_time(port, owned, 30, round_trips, endpoints))  # warm: statements prepared everywhere
+        endpoints = (
+            SEQUENTIAL if app == "service:app" else ENDPOINTS
+        )  # the floor has no recurring tasks
+        asyncio.run(
+            one_at_a_time(port, owned, 30, round_trips, endpoints)
+        )  # warm: statements prepared everywhere
         sequential = asyncio.run(one_at_a_time(port, owned, args.rounds, round_trips, endpoints))
         results = multiprocessing.Queue()
         generator = multiprocessing.Process(
-            target=load_generator, args=(port, owned, args.concurrency, args.warmup, args.duration, results)
+            target=load_generator,
+            args=(port, owned, args.concurrency, args.warmup, args.duration, results),
         )
         generator.start()
         measured = results.get(timeout=args.warmup + args.duration + 120)
@@ -514,7 +616,10 @@ def table(results: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in SEQUENTIAL:
-        s, f = results["service"]["one_at_a_time"][name], results["floor"]["one_at_a_time"].get(name)
+        s, f = (
+            results["service"]["one_at_a_time"][name],
+            results["floor"]["one_at_a_time"].get(name),
+        )
         floor = f"| {f['round_trips']} | {f['p50_ms']} | {f['p99_ms']} |" if f else "| - | - | - |"
         lines.append(f"| {name} | {s['round_trips']} | {s['p50_ms']} | {s['p99_ms']} {floor}")
     return "\n".join(lines)
@@ -576,13 +681,19 @@ def scale(database_url: str, rounds: int) -> dict:
         process, port = start_server("service:app", database_url)
         try:
             asyncio.run(timed_requests(port, user, owned[user][0], 20))  # warm up
-            results[size] = asyncio.run(timed_requests(port, user, owned[user][per_user // 2], rounds))
+            results[size] = asyncio.run(
+                timed_requests(port, user, owned[user][per_user // 2], rounds)
+            )
         finally:
             process.terminate()
             process.wait(30)
-        results[size]["plans"] = asyncio.run(explain(database_url, user, owned[user][per_user // 2]))
+        results[size]["plans"] = asyncio.run(
+            explain(database_url, user, owned[user][per_user // 2])
+        )
     small, large = results["1,000 tasks"], results["1,000,000 tasks"]
-    results["ratio"] = {name: round(large[name] / small[name], 2) for name in (*SCALE_REQUESTS, "get")}
+    results["ratio"] = {
+        name: round(large[name] / small[name], 2) for name in (*SCALE_REQUESTS, "get")
+    }
     return results
 
 
@@ -590,15 +701,21 @@ def scale(database_url: str, rounds: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=100)
     parser.add_argument("--tasks", type=int, default=200, help="tasks per user")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--duration", type=float, default=15, help="measured seconds per target")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of load before measuring")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--scale", action="store_true", help="the 1,000 vs 1,000,000 tasks comparison")
-    parser.add_argument("--rounds", type=int, default=200, help="requests of each kind one at a time (and per size)")
+    parser.add_argument(
+        "--scale", action="store_true", help="the 1,000 vs 1,000,000 tasks comparison"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=200, help="requests of each kind one at a time (and per size)"
+    )
     parser.add_argument(
         "--db-latency",
         type=float,
@@ -611,7 +728,9 @@ def main():
     stop = None
     database_url = os.environ.get("BENCH_DATABASE_URL")
     if not database_url:
-        from test_service import start_postgres  # the way the suite starts it (imported here: the floor needn't)
+        from test_service import (
+            start_postgres,
+        )  # the way the suite starts it (imported here: the floor needn't)
 
         database_url, stop = start_postgres()
     try:
@@ -621,7 +740,9 @@ def main():
                 print(json.dumps(results, indent=2))
                 return
             for size in ("1,000 tasks", "1,000,000 tasks"):
-                medians = ", ".join(f"{name} {results[size][name]} ms" for name in (*SCALE_REQUESTS, "get"))
+                medians = ", ".join(
+                    f"{name} {results[size][name]} ms" for name in (*SCALE_REQUESTS, "get")
+                )
                 print(f"{size}: medians: {medians}")
                 for name, plan in results[size]["plans"].items():
                     print(f"  EXPLAIN {name}:\n    " + plan.replace("\n", "\n    "))
@@ -640,11 +761,15 @@ def main():
         service_run, floor_run = results["service"], results["floor"]
         results["ratio"] = {
             name: round(
-                floor_run["endpoints"][name]["mean_ms"] / max(service_run["endpoints"][name]["mean_ms"], 1e-9), 2
+                floor_run["endpoints"][name]["mean_ms"]
+                / max(service_run["endpoints"][name]["mean_ms"], 1e-9),
+                2,
             )
             for name in ENDPOINTS
         }
-        results["ratio"]["overall"] = round(service_run["overall"]["rps"] / max(floor_run["overall"]["rps"], 1e-9), 2)
+        results["ratio"]["overall"] = round(
+            service_run["overall"]["rps"] / max(floor_run["overall"]["rps"], 1e-9), 2
+        )
         results["settings"] = vars(args)
         print(json.dumps(results, indent=2) if args.json else table(results))
     finally:
