@@ -68,27 +68,20 @@ log = logging.getLogger("service")
 
 
 # === 1. Settings that decide trust ===============================================================
-# Read once, from the environment or a .env file. A deploy has no .env: only one that exists is
-# read.
+# Read once, from the environment or a .env file (a deploy has none: only one that exists is read).
 config = Config(".env" if Path(".env").is_file() else None)
 
 # HS256 tokens are signed with this secret, which Better Auth shares.
 BETTER_AUTH_SECRET = config("BETTER_AUTH_SECRET", default="")
 # Better Auth's base URL: its key set (JWKS), and the issuer and audience of its tokens.
 BETTER_AUTH_URL = config("BETTER_AUTH_URL", default="").rstrip("/")
-JWKS_URL = config(
-    "JWKS_URL",
-    default=f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else "",
-)
+JWKS_DEFAULT = f"{BETTER_AUTH_URL}/api/auth/jwks" if BETTER_AUTH_URL else ""
+JWKS_URL = config("JWKS_URL", default=JWKS_DEFAULT)
 # Better Auth's JWT plugin sets both claims to its base URL. ANY ("*") turns a check off.
 JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 # The frontends' origins: browsers let these pages call the API with the user's credentials.
-CORS_ORIGINS = config(
-    "CORS_ORIGINS",
-    cast=CommaSeparatedStrings,
-    default="http://localhost:3000",
-)
+CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 # The most tasks one user may hold.
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
 
@@ -431,17 +424,6 @@ class TokenVerifier:
             return None
         return await self.key_set.key(kid)
 
-    def accepted(self) -> str:
-        """Which tokens are accepted, for the start-up log (never the secret)."""
-        kinds = []
-        if self.secret:
-            kinds.append("HS256 signed with BETTER_AUTH_SECRET")
-        if self.key_set:
-            key_set = self.key_set.url
-            checks = f"iss {self.issuer}, aud {self.audience}"
-            kinds.append(f"EdDSA/ES256/RS256 from {key_set} ({checks})")
-        return "; ".join(kinds) or "none"
-
 
 def bearer_token(headers: Headers) -> str:
     """The token of `Authorization: Bearer <token>` (the scheme in any case), or a 401."""
@@ -547,7 +529,7 @@ def create_app(
             raise RuntimeError(
                 "service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
             )
-        log.info("accepting tokens: %s", app.state.verifier.accepted())
+        log.info("accepting tokens: %s", accepted_tokens(app.state.verifier))
         async with open_database(database_url, pooled) as database:
             app.state.database = database
             await apply_schema(database, pooled)
@@ -750,7 +732,7 @@ TASK_NOT_FOUND = "Task not found"
 # Stored as its rank, so that it sorts as it reads.
 PRIORITIES = {"low": 1, "medium": 2, "high": 3}
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
-# What a client sees of a task's row.
+# What a client sees of a task's row: not tag_keys or due_at, which serve the filters.
 TASK_FIELD_NAMES = (
     "id",
     "user_id",
@@ -766,15 +748,6 @@ TASK_FIELD_NAMES = (
     "created_at",
     "updated_at",
 )
-
-
-def stamp(moment: datetime) -> str:
-    """The one timestamp format stored and served: UTC, microseconds, Z (see schema.sql)."""
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def utc_now() -> str:
-    return stamp(datetime.now(UTC))
 
 
 def task_json(row) -> dict:
@@ -869,15 +842,7 @@ async def change_task(request: Request, task_id: str, fields: dict, flip: bool) 
     return task_json(row)
 
 
-async def run_change(
-    request: Request,
-    task_id: str,
-    fields: dict,
-    flip: bool,
-    now: str,
-    careful: bool,
-    next_occurrence_id: str | None = None,
-):
+async def run_change(request, task_id, fields, flip, now, careful, next_occurrence_id=None):
     """CHANGE_TASK on the caller's task: the changed row, or None (no such task, or declined)."""
     values = {
         "id": task_id,
@@ -917,45 +882,13 @@ async def change_recurring_task(request, task_id: str, fields: dict, flip: bool,
     successor_id = None
     if successor is not None:
         successor_id = str(uuid.uuid4())
-    row = await run_change(
-        request, task_id, fields, flip, now, careful=True, next_occurrence_id=successor_id
-    )
+    row = await run_change(request, task_id, fields, flip, now, True, successor_id)
     if successor is not None:
         copied = {name: row[name] for name in SUCCESSOR_COPIES}
         successor = {**successor, **copied, "completed": False}
         # At the cap, the 409 rolls the transaction back: the change is not kept either.
         await insert_task(request, successor, successor_id, None, now)
     return row
-
-
-def next_occurrence(task: dict) -> dict | None:
-    """The successor's dates: due a period on, remind_at moved as much. None past 9999-12-31."""
-    due = datetime.fromisoformat(task["due_at"])
-    try:
-        next_due = one_period_on(due, task["recurrence"])
-        remind_at = None
-        if task["remind_at"] is not None:
-            reminder = datetime.fromisoformat(task["remind_at"]) + (next_due - due)
-            remind_at = stamp(reminder)
-    # The year 10000.
-    except (ValueError, OverflowError):
-        return None
-    due_at = stamp(next_due)
-    # A date-only due date stays a date (its first 10 characters).
-    due_date = due_at[: len(task["due_date"])]
-    return {"due_date": due_date, "due_at": due_at, "remind_at": remind_at}
-
-
-def one_period_on(due: datetime, recurrence: str) -> datetime:
-    """A day or a week on; a month on is the same day next month, or that month's last day."""
-    if recurrence == "daily":
-        return due + timedelta(days=1)
-    if recurrence == "weekly":
-        return due + timedelta(days=7)
-    year = due.year + due.month // 12
-    month = due.month % 12 + 1
-    last_day = calendar.monthrange(year, month)[1]
-    return due.replace(year=year, month=month, day=min(due.day, last_day))
 
 
 async def delete_task(request: Request, envelope: bool) -> Response:
@@ -983,7 +916,7 @@ async def openapi_document(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
-# === 6. Input validation =========================================================================
+# === 6. Input validation, timestamps and recurrence ==============================================
 # Clean values, or a 400 / 413 / 422 in the contract's shape (FastAPI's: loc, msg, type).
 
 MAX_BODY_BYTES = 64 * 1024
@@ -1158,6 +1091,45 @@ def parse_completion(body) -> dict:
     if errors:
         raise invalid(*errors)
     return {"completed": body["completed"]}
+
+
+def stamp(moment: datetime) -> str:
+    """The one timestamp format stored and served: UTC, microseconds, Z (see schema.sql)."""
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def utc_now() -> str:
+    return stamp(datetime.now(UTC))
+
+
+def next_occurrence(task: dict) -> dict | None:
+    """The successor's dates: due a period on, remind_at moved as much. None past 9999-12-31."""
+    due = datetime.fromisoformat(task["due_at"])
+    try:
+        next_due = one_period_on(due, task["recurrence"])
+        remind_at = None
+        if task["remind_at"] is not None:
+            reminder = datetime.fromisoformat(task["remind_at"]) + (next_due - due)
+            remind_at = stamp(reminder)
+    # The year 10000.
+    except (ValueError, OverflowError):
+        return None
+    due_at = stamp(next_due)
+    # A date-only due date stays a date (its first 10 characters).
+    due_date = due_at[: len(task["due_date"])]
+    return {"due_date": due_date, "due_at": due_at, "remind_at": remind_at}
+
+
+def one_period_on(due: datetime, recurrence: str) -> datetime:
+    """A day or a week on; a month on is the same day next month, or that month's last day."""
+    if recurrence == "daily":
+        return due + timedelta(days=1)
+    if recurrence == "weekly":
+        return due + timedelta(days=7)
+    year = due.year + due.month // 12
+    month = due.month % 12 + 1
+    last_day = calendar.monthrange(year, month)[1]
+    return due.replace(year=year, month=month, day=min(due.day, last_day))
 
 
 # What a client may send; a successor may go on to 9999-12-31, not past it.
@@ -1449,6 +1421,17 @@ class RequestLog:
             elapsed = (time.perf_counter() - started) * 1000
             method = scope["method"]
             request_log.info("%s %s %s %d %.1fms", request_id, method, route, status, elapsed)
+
+
+def accepted_tokens(verifier: TokenVerifier) -> str:
+    """Which tokens are accepted, for the start-up log (never the secret)."""
+    kinds = []
+    if verifier.secret:
+        kinds.append("HS256 signed with BETTER_AUTH_SECRET")
+    if verifier.key_set:
+        checks = f"iss {verifier.issuer}, aud {verifier.audience}"
+        kinds.append(f"EdDSA/ES256/RS256 from {verifier.key_set.url} ({checks})")
+    return "; ".join(kinds) or "none"
 
 
 def without_exception_text(record: logging.LogRecord) -> bool:
