@@ -1613,6 +1613,28 @@ def test_every_statement_on_a_users_data_names_the_user():
     )  # list (tasks, its total from users), get, lock, change, create and delete with their counts
 
 
+def test_every_name_in_the_review_guide_exists():
+    """docs/review.md: each property names where service.py enforces it and the tests that prove
+    it; every such name must exist, so the guide cannot drift from the code."""
+    guide = (HERE / "docs" / "review.md").read_text()
+    blocks = re.findall(r"^- (Where|Tests): (.*(?:\n  .*)*)", guide, re.MULTILINE)
+    source = (HERE / "test_service.py").read_text()
+    tests = set(re.findall(r"^(?:async )?def (test_\w+)", source, re.MULTILINE))
+    properties = re.findall(r"^### ", guide, re.MULTILINE)
+    assert len(properties) >= 7 and len(blocks) == 2 * len(properties)
+    for kind, text in blocks:
+        names = re.findall(r"`([^`]+)`", text)
+        assert names, text
+        for name in names:
+            if kind == "Tests":
+                assert name in tests, name
+            else:
+                target = service
+                for part in name.split("."):
+                    assert hasattr(target, part), name
+                    target = getattr(target, part)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Listing: filters, search, sorts, aliases, paging; X-Total-Count exact for each; query strings of any length
 
