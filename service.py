@@ -3,9 +3,8 @@
 `python service.py` serves it (with a local PostgreSQL when DATABASE_URL is unset);
 `uvicorn service:app` serves it too, given DATABASE_URL.
 
-How to read it. Sections 1 to 5 are the security core: they decide who the caller is, what
-is served without a token, and which rows a request can reach. A review of isolation and
-authentication needs only them.
+How to read it. Sections 1 to 5 are the security core: they decide who the caller is, what is
+served without a token, and which rows a request can reach.
 
 1. Settings that decide trust: the secret, the JWKS URL, issuer, audience, CORS origins.
 2. Authentication: the token policy, verification, the key set, the BearerAuth middleware.
@@ -14,9 +13,11 @@ authentication needs only them.
    (`user_id = :user_id`), so isolation between users is enforced by the query itself.
 5. Handlers: one per endpoint; the caller is request.user, which only BearerAuth sets.
 
-The rest serves the core and decides nothing about who sees what:
+The rest serves the core. Three of its functions belong to the security read too:
+parse_task_fields (which fields a body may set), parse_list_query (the list's values, its
+ORDER BY and the LIKE escape) and, in section 7, the error handlers (what a client sees).
 
-6. Input validation: clean values, or a 400, 413 or 422.
+6. Input validation, timestamps and recurrence: clean values, or a 400, 413 or 422.
 7. Errors and logs: what a client sees of a failure, and what the logs keep of it.
 8. Database set-up: the connection, the schema steps, the local PostgreSQL.
 9. The command line: `main`.
@@ -225,6 +226,8 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
             token,
             key,
             algorithms=algorithms,
+            # PyJWT checks iss and aud against these; None skips iss. A token that carries an
+            # aud is refused unless audience is given, hence verify_aud off for ANY.
             issuer=None if issuer == ANY else issuer,
             audience=None if audience == ANY else audience,
             leeway=CLOCK_SKEW_LEEWAY,
@@ -240,9 +243,7 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
     return claims
 
 
-# The key set. A key removed from the JWKS stops working within
-# JWKS_MAX_AGE_SECONDS + VERIFIED_TOKEN_SECONDS (6 minutes).
-# A key set this old is not used: the request waits for a new one.
+# The key set. One this old is not used: the request waits for a new one.
 JWKS_MAX_AGE_SECONDS = 300
 # A key set in use is fetched again, in the background, once this old.
 JWKS_REFRESH_SECONDS = 240
@@ -364,6 +365,8 @@ class KeySet:
 # after VERIFIED_TOKEN_SECONDS. About 200 bytes each.
 VERIFIED_TOKENS_KEPT = 4096
 VERIFIED_TOKEN_SECONDS = 60
+# So a key removed from the JWKS stops working within
+# JWKS_MAX_AGE_SECONDS + VERIFIED_TOKEN_SECONDS: 6 minutes.
 
 # Who made a request: the token's sub, and its email if usable.
 Caller = collections.namedtuple("Caller", ["id", "email"])
@@ -477,8 +480,8 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
 
 
 def service_routes() -> list[Route]:
-    # Token-scoped before path-scoped: its fixed segments are the more specific match
-    # ("/api/tasks/{task_id}" would otherwise be the task list of a user called "tasks").
+    # Starlette serves a request with the first route whose path matches. Token-scoped routes
+    # come first: "/api/tasks/{task_id}" would otherwise be the task list of a user "tasks".
     return [
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_document, methods=["GET"]),
@@ -545,6 +548,7 @@ def create_app(
         expose_headers=CORS_EXPOSED_HEADERS,
         max_age=600,
     )
+    # The handlers are in section 7: every error is JSON, and a 500 shows no internals.
     exception_handlers = {
         HTTPException: http_error,
         asyncpg.CheckViolationError: constraint_error,
@@ -615,7 +619,9 @@ CREATE_TASK = """
 # - :flip turns completed over (/complete or /toggle without a body).
 # - :next_occurrence_id is the successor the careful path made, or NULL.
 # - Unless :careful, the task is left alone when this change (:completing) might complete it
-#   while it recurs and has no successor yet: change_task then takes the careful path.
+#   while it recurs and has no successor yet: change_task then takes the careful path, which
+#   locks the row and decides in Python whether a successor is due. This WHERE only has to
+#   send every such change there; some that go there make no successor.
 # schema.sql's CHECK keeps a recurring task from losing its due date (a 422).
 CHANGE_TASK = """
     UPDATE tasks SET
@@ -652,7 +658,8 @@ LOCK_TASK = """
     FOR UPDATE
 """
 
-# delete_task binds :id and :user_id. The user's task_count goes down in the same statement.
+# delete_task binds :id and :user_id. The user's task_count goes down in the same statement:
+# PostgreSQL runs a WITH clause that changes data whether or not the query reads it.
 DELETE_TASK = """
     WITH deleted AS (
         DELETE FROM tasks
@@ -668,8 +675,9 @@ DELETE_TASK = """
 # A list; list_tasks binds :user_id, parse_list_query every other parameter.
 # - A filter is off when its value is NULL. Planned for its values (plan_cache_mode, section 8),
 #   the statement then leaves it out. :pattern is a LIKE pattern whose escape is '!'.
-# - The total (X-Total-Count) comes beside the page, so a page past the end still has it: one
-#   row, NULL but for total_count. Unfiltered (:filtered is false), it is the user's task_count.
+# - The total (X-Total-Count) comes beside the page, so a page past the end still has it:
+#   `FROM (SELECT) LEFT JOIN page` is one row, NULL but for total_count, when the page is empty.
+#   Unfiltered (:filtered is false), the total is the user's task_count.
 # - NOT MATERIALIZED: the count and the page are each planned on their own.
 # - {order_by} is one of LIST_ORDERS, fixed text; ties are broken by id, so that paging never
 #   repeats or skips a task.
@@ -1009,21 +1017,34 @@ def completed_errors(value) -> list:
 def parse_task_fields(body, partial: bool) -> dict:
     """A create's fields (defaults for those missing) or an update's (those given, at least
     one), as columns: priority as its rank, tags as JSON beside tag_keys (case-folded), due_date
-    beside due_at (the instant it stands for). Every invalid field is named in one 422."""
+    beside due_at (the instant it stands for). Only TASK_FIELDS are read, each only once it
+    is valid; every invalid one is named in one 422."""
     if not isinstance(body, dict):
         raise invalid(NOT_AN_OBJECT)
-    fields = {name: body[name] for name in TASK_FIELDS if name in body}
+    fields = {}
     errors = []
     if "title" in body:
-        fields["title"] = trimmed(body["title"])
-        errors += text_errors(("body", "title"), fields["title"], TITLE_MAX)
+        title = trimmed(body["title"])
+        title_errors = text_errors(("body", "title"), title, TITLE_MAX)
+        errors += title_errors
+        if not title_errors:
+            fields["title"] = title
     elif not partial:
         errors.append((("body", "title"), "Field required", "missing"))
-    if body.get("description") is not None:
+    if "description" in body:
+        description = body["description"]
         loc = ("body", "description")
-        errors += text_errors(loc, body["description"], DESCRIPTION_MAX, min_length=0)
+        description_errors = []
+        if description is not None:
+            description_errors = text_errors(loc, description, DESCRIPTION_MAX, min_length=0)
+        errors += description_errors
+        if not description_errors:
+            fields["description"] = description
     if "completed" in body:
-        errors += completed_errors(body["completed"])
+        completion_errors = completed_errors(body["completed"])
+        errors += completion_errors
+        if not completion_errors:
+            fields["completed"] = body["completed"]
     if "priority" in body:
         priority = body["priority"]
         if isinstance(priority, str) and priority in PRIORITIES:
@@ -1046,9 +1067,12 @@ def parse_task_fields(body, partial: bool) -> dict:
             fields["remind_at"], _ = parse_moment(body["remind_at"], None)
         except ValueError as problem:
             errors.append((("body", "remind_at"), *problem.args))
-    if body.get("recurrence") is not None and body["recurrence"] not in RECURRENCES:
-        message = "Input should be 'daily', 'weekly', 'monthly' or null"
-        errors.append((("body", "recurrence"), message, "enum"))
+    if "recurrence" in body:
+        if body["recurrence"] is None or body["recurrence"] in RECURRENCES:
+            fields["recurrence"] = body["recurrence"]
+        else:
+            message = "Input should be 'daily', 'weekly', 'monthly' or null"
+            errors.append((("body", "recurrence"), message, "enum"))
     if partial and not fields and not errors:
         message = f"At least one of {', '.join(TASK_FIELDS)} is required"
         errors.append((("body",), message, "missing"))
@@ -1212,12 +1236,13 @@ def whole_number(params, name: str, default: int, low: int, high: int, errors: l
 
 
 def choice(raw: str | None, name: str, options, errors: list, default=None):
-    """raw, or the default when it is missing; one of options, or an error."""
+    """raw if it is one of options; the default if it is missing, or (with an error) wrong."""
     if raw is None:
         return default
     if raw not in options:
         message = f"Input should be one of: {', '.join(options)}"
         errors.append((("query", name), message, "enum"))
+        return default
     return raw
 
 
@@ -1525,10 +1550,12 @@ ROLE_STATEMENT_TIMEOUT = (
     f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
 )
 
-# Made before schema_version (release 1 or 2): 1 without users.task_count, 2 with it.
+# A database made before schema_version has none. users.id came with step 1, users.task_count
+# with step 2: how many of them it has is its step (0: a new database).
 UNVERSIONED_STEP = """
-    SELECT count(DISTINCT column_name = 'task_count') FROM information_schema.columns
+    SELECT count(*) FROM information_schema.columns
     WHERE table_schema = current_schema() AND table_name = 'users'
+      AND column_name IN ('id', 'task_count')
 """
 
 
