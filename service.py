@@ -32,7 +32,6 @@ import collections
 import functools
 import hashlib
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -58,7 +57,7 @@ from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHead
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -556,6 +555,7 @@ def create_app(
     # The handlers are in section 7: every error is JSON, and a 500 shows no internals.
     exception_handlers = {
         HTTPException: http_error,
+        ClientDisconnect: client_left,
         asyncpg.CheckViolationError: constraint_error,
         asyncpg.InvalidSQLStatementNameError: lost_prepared_statement,
         asyncpg.DuplicatePreparedStatementError: lost_prepared_statement,
@@ -594,7 +594,7 @@ SELECT_TASK = """
 
 # Create, and a recurring task's successor; insert_task binds every parameter:
 # :id, a new UUID; :user_id and :email, the caller's; :now; :max_tasks, the cap; the rest, the
-# task's columns (parse_task_fields, or change_recurring_task for a successor).
+# task's columns (parse_task_fields, or change_locked_task for a successor).
 # The user's row is made with their first task. task_count goes up in the same statement as the
 # insert, and only while it is under :max_tasks; concurrent creates queue on the user's row, so
 # the cap is exact. At the cap no row comes back, and nothing is written.
@@ -629,7 +629,7 @@ CREATE_TASK = """
 #   while it recurs and has no successor yet: change_task then takes the careful path, which
 #   locks the row and decides in Python whether a successor is due. This WHERE only has to
 #   send every such change there; some that go there make no successor.
-# schema.sql's CHECK keeps a recurring task from losing its due date (a 422).
+# A change that might leave a recurring task without a due date never comes here (change_task).
 CHANGE_TASK = """
     UPDATE tasks SET
         (title, description, completed, priority, tags, tag_keys,
@@ -656,7 +656,7 @@ CHANGE_TASK = """
     RETURNING *
 """
 
-# The careful path's lock; change_recurring_task binds :id and :user_id. Concurrent changes of
+# The careful path's lock; change_locked_task binds :id and :user_id. Concurrent changes of
 # this task wait here until the transaction ends.
 LOCK_TASK = """
     SELECT completed, due_date, due_at, remind_at, recurrence, next_occurrence_id
@@ -847,13 +847,17 @@ def is_completing(fields: dict, flip: bool) -> bool:
 
 
 async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
-    """One statement, unless the change might complete a recurring task (or there is no such
-    task): then the careful path, in a transaction."""
+    """One statement, unless the change might complete a recurring task or leave one without a
+    due date (or there is no such task): then the careful path, in a transaction."""
     now = utc_now()
-    row = await run_change(request, task_id, fields, flip, now, careful=False)
+    row = None
+    # Decided before any statement could break schema.sql's CHECK, whose error would put the
+    # task's row in the database server's log.
+    if not might_recur_without_due_date(fields):
+        row = await run_change(request, task_id, fields, flip, now, careful=False)
     if row is None:
         async with request.app.state.database.transaction():
-            row = await change_recurring_task(request, task_id, fields, flip, now)
+            row = await change_locked_task(request, task_id, fields, flip, now)
     return task_json(row)
 
 
@@ -876,7 +880,7 @@ async def run_change(request, task_id, fields, flip, now, careful, next_occurren
 SUCCESSOR_COPIES = ("title", "description", "priority", "tags", "tag_keys", "recurrence")
 
 
-async def change_recurring_task(request, task_id: str, fields: dict, flip: bool, now: str):
+async def change_locked_task(request, task_id: str, fields: dict, flip: bool, now: str):
     """The careful path, inside change_task's transaction: lock the task, decide in Python,
     then write the change and, if it completes a recurring task, the task's successor."""
     values = {"id": task_id, "user_id": request.user.id}
@@ -889,6 +893,8 @@ async def change_recurring_task(request, task_id: str, fields: dict, flip: bool,
         "remind_at": fields.get("remind_at", old["remind_at"]),
         "recurrence": fields.get("recurrence", old["recurrence"]),
     }
+    if recurs_without_due_date(new):
+        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
     completes = not old["completed"] and is_completing(fields, flip)
     # A task gets at most one successor, ever: none once it has had one.
     successor = None
@@ -971,20 +977,34 @@ WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".j
 )
 
 
+# A 422 names at most this many errors of one field: its size is bounded whatever the request.
+MAX_ERRORS_PER_FIELD = 3
+
+
 def invalid(*errors: tuple) -> HTTPException:
-    """A 422; each error is (loc, msg, type)."""
-    details = [{"loc": list(loc), "msg": msg, "type": kind} for loc, msg, kind in errors]
+    """A 422; each error is (loc, msg, type), loc led by "body" or "query" and the field."""
+    details = []
+    per_field = collections.Counter()
+    for loc, msg, kind in errors:
+        field = tuple(loc[:2])
+        per_field[field] += 1
+        if per_field[field] <= MAX_ERRORS_PER_FIELD:
+            details.append({"loc": list(loc), "msg": msg, "type": kind})
     return HTTPException(422, details)
 
 
+# A body that has not arrived within this is a 408: a slow client does not hold a worker.
+BODY_DEADLINE_SECONDS = 10
+
+
 async def read_json_body(request: Request, required: bool = True):
-    """The body's JSON; None for an empty body where one is optional."""
-    body = b""
-    # A chunked body has no length to check in advance.
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, "Request body too large")
+    """The body's JSON; None for an empty body where one is optional. A client that leaves
+    mid-body raises ClientDisconnect (see client_left)."""
+    try:
+        async with asyncio.timeout(BODY_DEADLINE_SECONDS):
+            body = await read_body(request)
+    except TimeoutError:
+        raise HTTPException(408, "Request body not received in time") from None
     if not body.strip() and not required:
         return None
     try:
@@ -993,6 +1013,16 @@ async def read_json_body(request: Request, required: bool = True):
     # RecursionError: deeply nested arrays.
     except (ValueError, RecursionError):
         raise HTTPException(400, "Invalid JSON body") from None
+
+
+async def read_body(request: Request) -> bytes:
+    body = b""
+    # A chunked body has no length to check in advance.
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPException(413, "Request body too large")
+    return body
 
 
 def trimmed(value):
@@ -1087,7 +1117,31 @@ def parse_task_fields(body, partial: bool) -> dict:
         raise invalid(*errors)
     if partial:
         return fields
-    return {**NEW_TASK_DEFAULTS, **fields}
+    task = {**NEW_TASK_DEFAULTS, **fields}
+    if recurs_without_due_date(task):
+        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
+    return task
+
+
+RECURRENCE_WITHOUT_DUE_DATE = (
+    ("body", "recurrence"),
+    "A recurring task needs a due_date",
+    "recurrence_without_due_date",
+)
+
+
+def recurs_without_due_date(task: dict) -> bool:
+    """The rule for a task's columns (schema.sql's CHECK recurring_task_needs_due_date is its
+    backstop): a recurring task needs a due date."""
+    return task["recurrence"] is not None and task["due_date"] is None
+
+
+def might_recur_without_due_date(changes: dict) -> bool:
+    """A change that sets a recurrence without a due date, or clears the due date: only the
+    task's row can tell whether it leaves a recurring task without one."""
+    sets_recurrence = changes.get("recurrence") is not None and changes.get("due_date") is None
+    clears_due_date = "due_date" in changes and changes["due_date"] is None
+    return sets_recurrence or clears_due_date
 
 
 def parse_tags(value) -> tuple[list[str], list]:
@@ -1096,6 +1150,9 @@ def parse_tags(value) -> tuple[list[str], list]:
     loc = ("body", "tags")
     if not isinstance(value, list):
         return [], [(loc, "Input should be a valid array of strings", "list_type")]
+    # Refused as a whole, before any item is read.
+    if len(value) > MAX_TAGS:
+        return [], [(loc, f"At most {MAX_TAGS} tags", "too_long")]
     tags = {}
     errors = []
     for index, tag in enumerate(map(trimmed, value)):
@@ -1104,9 +1161,6 @@ def parse_tags(value) -> tuple[list[str], list]:
             errors += problems
         else:
             tags.setdefault(tag.casefold(), tag)
-    if len(tags) > MAX_TAGS:
-        message = f"At most {MAX_TAGS} tags (after merging those that differ only in case)"
-        errors.append((loc, message, "too_long"))
     return list(tags.values()), errors
 
 
@@ -1229,6 +1283,8 @@ STATUSES = ("all", "pending", "completed")
 LIST_SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
 LIST_DIRECTIONS = ("asc", "desc")
 SEARCH_MAX = TITLE_MAX + DESCRIPTION_MAX
+# priority may repeat (any of them), as tag may (MAX_TAGS): a frontend may send one twice.
+MAX_PRIORITIES_GIVEN = 20
 
 
 def whole_number(params, name: str, default: int, low: int, high: int, errors: list):
@@ -1291,10 +1347,20 @@ def parse_list_query(params) -> tuple[str, dict] | None:
     if not is_storable_text(q, SEARCH_MAX):
         message = "Search text is too long or not valid text"
         errors.append((("query", "q"), message, "string_type"))
-    priorities = [choice(p, "priority", PRIORITIES, errors) for p in params.getlist("priority")]
-    tags = [trimmed(tag) for tag in params.getlist("tag")]
-    if len(tags) > MAX_TAGS or not all(0 < len(tag) <= TAG_MAX for tag in tags):
-        message = f"At most {MAX_TAGS} tags, each 1 to {TAG_MAX} characters"
+    # A repeatable parameter is refused as a whole past its limit, before its items are read.
+    priorities = params.getlist("priority")
+    if len(priorities) > MAX_PRIORITIES_GIVEN:
+        message = f"At most {MAX_PRIORITIES_GIVEN} priorities"
+        errors.append((("query", "priority"), message, "too_long"))
+        priorities = []
+    priorities = [choice(p, "priority", PRIORITIES, errors) for p in priorities]
+    tags = params.getlist("tag")
+    if len(tags) > MAX_TAGS:
+        errors.append((("query", "tag"), f"At most {MAX_TAGS} tags", "too_long"))
+        tags = []
+    tags = [trimmed(tag) for tag in tags]
+    if not all(0 < len(tag) <= TAG_MAX for tag in tags):
+        message = f"Each tag should have 1 to {TAG_MAX} characters"
         errors.append((("query", "tag"), message, "value_error"))
     due_before = query_moment(params, "due_before", "start", errors)
     due_after = query_moment(params, "due_after", "end", errors)
@@ -1347,9 +1413,8 @@ DATABASE_OUTAGES = (
 
 def failure_line(scope: Scope, what: str) -> str:
     """What a log line may say of a failed request: its id, what failed, method, route template."""
-    request_id = scope.get("state", {}).get("request_id", "-")
     route = scope["route"].path if "route" in scope else "-"
-    return f"request {request_id}: {what} on {scope['method']} {route}"
+    return f"request {logged_ids(scope)}: {what} on {scope['method']} {route}"
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -1364,13 +1429,18 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
 
 
+async def client_left(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away before its body arrived: not an error. Nobody reads this answer;
+    the request log shows 499, as proxies do for a client that closed its request."""
+    return Response(status_code=499)
+
+
 async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -> Response:
-    # schema.sql, step 4. Any other CHECK that fails is a bug: a 500.
+    # schema.sql, step 4: the backstop of recurs_without_due_date, which the handlers check
+    # first. Any other CHECK that fails is a bug: a 500.
     if exc.constraint_name != "recurring_task_needs_due_date":
         raise exc
-    message = "A recurring task needs a due_date"
-    error = (("body", "recurrence"), message, "recurrence_without_due_date")
-    return await http_error(request, invalid(error))
+    return await http_error(request, invalid(RECURRENCE_WITHOUT_DUE_DATE))
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
@@ -1393,8 +1463,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
     where = "".join(traceback.format_list(frames))
     log.error("%s\n%s", failure_line(request.scope, type(exc).__name__), where)
     # This response leaves from outside RequestLog and CORS: it carries their headers itself.
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    headers = response_headers(request.scope, request_id)
+    headers = response_headers(request.scope)
     origin = request.headers.get("origin")
     if origin in CORS_ORIGINS:
         headers["Access-Control-Allow-Origin"] = origin
@@ -1403,10 +1472,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
 
 
-def response_headers(scope: Scope, request_id: str) -> dict:
+def response_headers(scope: Scope) -> dict:
     """The headers every response carries."""
+    state = scope.get("state", {})
     headers = {
-        "X-Request-ID": request_id,
+        # The caller's id if it sent a sane one, so that the frontend can match its logs.
+        "X-Request-ID": state.get("caller_request_id") or state.get("request_id", "-"),
         "X-Content-Type-Options": "nosniff",
         # A response differs by Origin (its CORS headers): a cache must not serve it to another.
         "Vary": "Origin",
@@ -1419,14 +1490,19 @@ def response_headers(scope: Scope, request_id: str) -> dict:
 
 # A caller's X-Request-ID is kept if it looks like one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Made request ids: this process's random half, then a count. Unique without a draw for each.
-REQUEST_ID_PREFIX = secrets.token_hex(8)
-REQUEST_NUMBERS = itertools.count()
+
+
+def logged_ids(scope: Scope) -> str:
+    """The id the service made for a request, and the caller's X-Request-ID (or -) beside it:
+    a caller can choose its own id, so it never stands alone in the logs."""
+    state = scope.get("state", {})
+    return f"{state.get('request_id', '-')} {state.get('caller_request_id') or '-'}"
 
 
 class RequestLog:
     """Gives each request an id and the headers every response carries, and logs one line:
-    id, method, route template (no user id, query, token or body), status, milliseconds."""
+    the ids (logged_ids), method, route template (no user id, query, token or body), status,
+    milliseconds."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1436,10 +1512,12 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = Headers(scope=scope).get("x-request-id", "")
-        if not REQUEST_ID.fullmatch(request_id):
-            request_id = f"{REQUEST_ID_PREFIX}{next(REQUEST_NUMBERS):016x}"
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        # Unpredictable: nobody can guess another request's id.
+        state["request_id"] = secrets.token_hex(16)
+        offered = Headers(scope=scope).get("x-request-id", "")
+        if REQUEST_ID.fullmatch(offered):
+            state["caller_request_id"] = offered
         # What the client gets if the app raises before it answers.
         status = 500
 
@@ -1448,7 +1526,7 @@ class RequestLog:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
-                for name, value in response_headers(scope, request_id).items():
+                for name, value in response_headers(scope).items():
                     # What the app set stays.
                     headers.setdefault(name, value)
             await send(message)
@@ -1459,7 +1537,8 @@ class RequestLog:
             route = scope["route"].path if "route" in scope else "-"
             elapsed = (time.perf_counter() - started) * 1000
             method = scope["method"]
-            request_log.info("%s %s %s %d %.1fms", request_id, method, route, status, elapsed)
+            ids = logged_ids(scope)
+            request_log.info("%s %s %s %d %.1fms", ids, method, route, status, elapsed)
 
 
 def accepted_tokens(verifier: TokenVerifier) -> str:

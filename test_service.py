@@ -111,7 +111,13 @@ def start_postgres():
         pg("pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(directory, ignore_errors=True)
 
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    POSTGRES_LOGS[url] = Path(directory, "log")
+    return url, stop
+
+
+# The server log of each PostgreSQL the suite started, by URL: what the server writes about us.
+POSTGRES_LOGS: dict[str, Path] = {}
 
 
 def unavailable(what: str, exc: Exception):
@@ -808,6 +814,67 @@ async def test_update_with_a_body_that_is_not_json_is_400(client):
     assert response.status_code == 400
     assert response.json() == {"detail": "Invalid JSON body"}
     assert await task_rows(client, "alice") == [task]
+
+
+def tags_body(items: int) -> bytes:
+    """{"title": "x", "tags": [1, 1, ...]} without spaces: 32,748 items fill 64 KiB."""
+    return b'{"title":"x","tags":[' + b",".join([b"1"] * items) + b"]}"
+
+
+async def test_a_list_over_its_limit_is_refused_whole_in_a_small_422(client):
+    """A 64 KiB body of 32,748 bad tags costs one error, not one per item (nor 2.9 MB)."""
+    body = tags_body(32_748)
+    assert len(body) <= 64 * 1024
+    response = await client.post("/api/alice/tasks", content=body, headers=auth())
+    assert response.status_code == 422
+    assert len(response.content) < 16 * 1024
+    assert response.json()["detail"] == [
+        {"loc": ["body", "tags"], "msg": "At most 20 tags", "type": "too_long"}
+    ]
+    assert await task_rows(client, "alice") == []
+
+
+async def test_a_field_names_at_most_three_errors(client):
+    response = await client.post("/api/alice/tasks", json={"tags": [1] * 20}, headers=auth())
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert [error["loc"] for error in detail] == [
+        ["body", "title"],
+        ["body", "tags", 0],
+        ["body", "tags", 1],
+        ["body", "tags", 2],
+    ]
+
+
+@pytest.mark.parametrize(
+    "query, loc",
+    [
+        ("priority=x&" * 1400, "priority"),
+        ("tag=x&" * 1400, "tag"),
+        ("priority=x&" * 21, "priority"),
+    ],
+    ids=["1400-priorities", "1400-tags", "21-bad-priorities"],
+)
+async def test_repeated_query_parameters_answer_a_small_422(client, query, loc):
+    response = await client.get(f"/api/tasks?{query}", headers=auth())
+    assert response.status_code == 422
+    assert len(response.content) < 16 * 1024
+    detail = response.json()["detail"]
+    assert 1 <= len(detail) <= 3 and {error["loc"][1] for error in detail} == {loc}
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(client, monkeypatch):
+    monkeypatch.setattr(service, "BODY_DEADLINE_SECONDS", 0.3)
+
+    async def dripping():
+        yield b'{"title": '
+        await asyncio.sleep(1)
+        yield b'"too late"}'
+
+    response = await client.post("/api/alice/tasks", content=dripping(), headers=auth())
+    assert response.status_code == 408
+    assert response.json() == {"detail": "Request body not received in time"}
+    assert await task_rows(client, "alice") == []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2200,6 +2267,32 @@ async def test_a_change_that_would_leave_a_recurring_task_without_a_due_date_is_
     assert both.status_code == 200 and family.data(both)["recurrence"] == "weekly"
 
 
+async def test_a_refused_recurring_task_leaves_no_task_content_in_the_database_log(
+    client, postgres_url
+):
+    """The rule is decided before any statement: a CHECK violation would have PostgreSQL log the
+    whole row (`DETAIL: Failing row contains ...`), in a provider's logs on Neon."""
+    if postgres_url not in POSTGRES_LOGS:
+        pytest.skip("the server's log is not the suite's to read (TEST_DATABASE_URL)")
+    secret = f"private-{uuid.uuid4().hex}"
+    plain = await create(client, title=secret)
+    recurring = await create(client, title=secret, due_date="2026-01-31", recurrence="weekly")
+    for method, url, body in [
+        ("POST", "/api/alice/tasks", {"title": secret, "recurrence": "daily"}),
+        ("PATCH", f"/api/alice/tasks/{plain['id']}", {"recurrence": "daily"}),
+        ("PUT", f"/api/alice/tasks/{recurring['id']}", {"due_date": None}),
+        (
+            "PATCH",
+            f"/api/alice/tasks/{recurring['id']}",
+            {"recurrence": "monthly", "due_date": None},
+        ),
+    ]:
+        response = await client.request(method, url, json=body, headers=auth())
+        assert response.status_code == 422, (method, body)
+        assert response.json()["detail"][0]["type"] == "recurrence_without_due_date"
+    assert secret not in POSTGRES_LOGS[postgres_url].read_text(errors="replace")
+
+
 @pytest.mark.parametrize("field", ["description", "due_date", "remind_at", "recurrence"])
 async def test_null_clears_a_nullable_field(client, family, field):
     task = await create(
@@ -3020,8 +3113,9 @@ async def test_each_request_is_logged_once_with_its_id_and_nothing_secret(client
     assert response.status_code == 201
     assert response.headers["x-request-id"] == "req-123"
     assert len(request_lines(caplog)) == 1
+    # The id the service made, then the caller's beside it.
     assert re.fullmatch(
-        r"req-123 POST /api/\{user_id\}/tasks 201 \d+\.\dms", request_lines(caplog)[0]
+        r"[0-9a-f]{32} req-123 POST /api/\{user_id\}/tasks 201 \d+\.\dms", request_lines(caplog)[0]
     )
     for secret in (token, "secret plans", "private", SECRET, "alice"):
         assert secret not in caplog.text
@@ -3037,8 +3131,16 @@ async def test_a_missing_or_unsafe_request_id_is_replaced(client, caplog, offere
     assert request_lines(caplog) == [
         line
         for line in request_lines(caplog)
-        if line.startswith(request_id + " GET /api/tasks 200 ")
+        if line.startswith(request_id + " - GET /api/tasks 200 ")
     ]
+
+
+async def test_made_request_ids_are_unpredictable(client, caplog):
+    """Each made id is a fresh random draw: no two share a per-process prefix, nor count up."""
+    caplog.set_level(logging.INFO, logger="service")
+    ids = [(await client.get("/api/tasks", headers=auth())).headers["x-request-id"] for _ in "abc"]
+    assert len({request_id[:16] for request_id in ids}) == 3
+    assert len({request_id[16:] for request_id in ids}) == 3
 
 
 async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeypatch, caplog):
@@ -3054,11 +3156,8 @@ async def test_an_unexpected_error_is_logged_with_the_request_id(client, monkeyp
     assert response.headers["x-request-id"] == "boom-1"
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and not errors[0].exc_info
-    assert (
-        errors[0]
-        .getMessage()
-        .startswith("request boom-1: RuntimeError on GET /api/{user_id}/tasks/{task_id}")
-    )
+    failure = r"request [0-9a-f]{32} boom-1: RuntimeError on GET /api/\{user_id\}/tasks/\{task_id\}"
+    assert re.match(failure, errors[0].getMessage())
     assert "boom-1 GET /api/{user_id}/tasks/{task_id} 500" in " ".join(request_lines(caplog))
     for private in ("own words", task_url, "alice"):
         assert private not in service_log(caplog)
@@ -3614,6 +3713,29 @@ def test_connections_beyond_the_limit_get_503_and_idle_ones_are_closed(database,
             )  # closed by the server after 5 idle seconds, not by the timeout
     finally:
         assert process.stop()
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_a_client_that_leaves_mid_body_is_not_an_error(database, tmp_path):
+    """No 500, no ERROR, no traceback: one ordinary request line (499, as proxies log it)."""
+    process = ServiceProcess(database, tmp_path)
+    try:
+        process.serving()
+        head = (
+            "POST /api/tasks HTTP/1.1\r\nHost: service\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {make_token()}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", process.port)) as sock:
+            sock.sendall(head.encode() + b'{"title": "half')
+            time.sleep(0.3)
+        time.sleep(0.5)
+        assert httpx.get(f"{process.url}/health").status_code == 200
+    finally:
+        assert process.stop()
+    log = process.log.read_text()
+    posts = [line for line in log.splitlines() if " POST /api/tasks " in line]
+    assert len(posts) == 1 and " POST /api/tasks 499 " in posts[0], log
+    assert "ERROR" not in log and "Traceback" not in log and " 500 " not in log
 
 
 @pytest.mark.parametrize("database", DATABASES, indirect=True)
