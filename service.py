@@ -535,6 +535,9 @@ def create_app(
             raise RuntimeError(
                 "service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
             )
+        problem = database_url_problem(database_url)
+        if problem:
+            raise RuntimeError(f"service: {problem}")
         log.info("accepting tokens: %s", accepted_tokens(app.state.verifier))
         async with open_database(database_url, pooled, statement_cache) as database:
             app.state.database = database
@@ -1498,13 +1501,22 @@ def configure_logging() -> None:
 # === 8. Database set-up ==========================================================================
 # PostgreSQL through `databases` on asyncpg.
 
+
+def database_host(url: str) -> str:
+    """The URL's host name; "" when it names none, or cannot be read (database_url_problem)."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
 # Unset: `python service.py` starts a local PostgreSQL, on this machine only (see main).
 DATABASE_URL = config("DATABASE_URL", default="")
 # PgBouncer in transaction mode: Neon's pooled endpoints, whose host names end in "-pooler".
 DATABASE_POOLED = config(
     "DATABASE_POOLED",
     cast=bool,
-    default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""),
+    default="-pooler" in database_host(DATABASE_URL),
 )
 # asyncpg's prepared statements: one round trip per statement, directly and through a pooler
 # that keeps them (PgBouncer 1.21+ with max_prepared_statements, as Neon runs it). Off for a
@@ -1532,6 +1544,34 @@ SESSION_SETTINGS = {
     "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
     "plan_cache_mode": "force_custom_plan",
 }
+
+
+# What a URL that cannot be read gets: never the URL, which holds the password.
+UNREADABLE_DATABASE_URL = (
+    "DATABASE_URL cannot be read as a URL: percent-encode the special characters in its"
+    " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
+)
+
+
+def is_readable_url(url: str) -> bool:
+    """urlsplit reads the URL as written: a port that is a number, no `@` past the host part."""
+    try:
+        parts = urlsplit(url)
+        # urlsplit reads the port only when asked, and raises unless it is a number.
+        _ = parts.port
+    except ValueError:
+        return False
+    # A password's unencoded `/`, `?` or `#` ends the host part inside the password: the rest
+    # of it, its `@` and the host then land in the path, the query or the fragment.
+    after_host = parts.path + parts.query + parts.fragment
+    return "@" not in after_host
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why DATABASE_URL cannot work, in one line that quotes none of its credentials."""
+    if not is_readable_url(url):
+        return UNREADABLE_DATABASE_URL
+    return None
 
 
 def open_database(url: str, pooled=None, statement_cache=None) -> Database:
@@ -1724,6 +1764,9 @@ def main(argv: list[str]) -> None:
         print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
         os.execv(sys.executable, [sys.executable, *sys.argv])
     problem = settings_problem()
+    if problem:
+        sys.exit(f"service: {problem}")
+    problem = database_url_problem(DATABASE_URL)
     if problem:
         sys.exit(f"service: {problem}")
     if not DATABASE_URL and not is_loopback(args.host):

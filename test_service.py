@@ -2983,6 +2983,41 @@ async def test_sslmode_in_the_url_reaches_the_driver(database):
     await disabled.disconnect()
 
 
+# A password with a character that ends the host part early, unless percent-encoded.
+MALFORMED_DATABASE_URLS = [
+    "postgresql://alice:Abc/def@db.example/tasks",
+    "postgresql://alice:Ghi#jkl@db.example/tasks",
+    "postgresql://alice:123?pqr@db.example/tasks",
+    "postgresql://alice:Stu[vwx@db.example/tasks",
+    "postgresql://alice:Yza@db.example:54x2/tasks",
+]
+MALFORMED_URL_CREDENTIALS = ["alice", "Abc", "def", "Ghi", "jkl", "123", "pqr", "Stu", "vwx", "Yza"]
+
+
+@pytest.mark.parametrize(
+    "url", MALFORMED_DATABASE_URLS, ids=["slash", "hash", "question-mark", "bracket", "port"]
+)
+def test_a_database_url_that_cannot_be_read_stops_the_service_in_one_line(tmp_path, url):
+    settings = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": url}
+    result = run_python([str(HERE / "service.py"), "--host", "0.0.0.0"], settings, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "DATABASE_URL" in result.stderr and "percent-encode" in result.stderr
+    assert "Traceback" not in result.stderr
+    for credential in MALFORMED_URL_CREDENTIALS:
+        assert credential not in result.stderr
+
+
+async def test_the_app_refuses_a_database_url_that_cannot_be_read():
+    # `uvicorn service:app`: the lifespan says it, before any connection.
+    app = service.create_app(MALFORMED_DATABASE_URLS[0], service.TokenVerifier(SECRET))
+    with pytest.raises(RuntimeError, match="percent-encode") as refused:
+        async with app.router.lifespan_context(app):
+            pass
+    for credential in MALFORMED_URL_CREDENTIALS:
+        assert credential not in str(refused.value)
+
+
 def test_token_command_prints_a_one_hour_token(tmp_path):
     result = run_python(
         [str(HERE / "service.py"), "token", "alice"], {"BETTER_AUTH_SECRET": SECRET}, cwd=tmp_path
