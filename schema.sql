@@ -7,7 +7,7 @@
 -- with microseconds ('2026-01-09T10:15:00.123456Z'), written by the service: it sorts chronologically
 -- as text and is served back byte for byte. (Releases before step 4 also ran on SQLite, which is why
 -- the first steps chose portable types.) The CHECK constraints repeat the service's validation as a
--- second line of defence, except step 4's, which is the rule itself.
+-- second line of defence.
 -- (No semicolons in comments: the file is split into statements at them. No colon before a word
 -- either: the statements go through SQLAlchemy's text(), which would take it for a parameter.)
 
@@ -68,8 +68,8 @@ CREATE INDEX tasks_user_due ON tasks (user_id, (due_at IS NULL), due_at, id);
 CREATE INDEX tasks_user_due_desc ON tasks (user_id, (due_at IS NULL), due_at DESC, id DESC);
 CREATE INDEX tasks_user_priority ON tasks (user_id, priority, id);
 
--- step 4: PostgreSQL only. A recurring task needs a due date: the service relies on this CHECK, by
--- name, to refuse (422) a create or change that would break it, whichever way the change comes.
+-- step 4: PostgreSQL only. A recurring task needs a due date. The service decides it before writing
+-- (recurs_without_due_date), and this CHECK, by name, is the backstop it answers with the same 422.
 ALTER TABLE tasks ADD CONSTRAINT recurring_task_needs_due_date CHECK (recurrence IS NULL OR due_date IS NOT NULL);
 -- Each tag's case-folded key, for filtering, moves into the task's own row (task_tags goes).
 ALTER TABLE tasks ADD COLUMN tag_keys TEXT[] NOT NULL DEFAULT '{}';

