@@ -547,9 +547,7 @@ def create_app(
         log.info("database: %s", database_encryption(database_url))
         async with open_database(database_url, pooled, statement_cache) as database:
             app.state.database = database
-            await apply_schema(database, pooled)
-            if pooled and statement_cache:
-                await check_prepared_statements_are_kept(database)
+            await make_ready(database, pooled, statement_cache)
             yield
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
@@ -2004,12 +2002,18 @@ def start_local_postgres():
     return url, stop
 
 
+async def make_ready(database: Database, pooled: bool, statement_cache: bool) -> None:
+    """The schema's steps; through a pooler with the statement cache on, the check that the
+    pooler keeps prepared statements."""
+    await apply_schema(database, pooled)
+    if pooled and statement_cache:
+        await check_prepared_statements_are_kept(database)
+
+
 async def prepare_database(url: str) -> None:
-    """The schema, before serving: `python service.py` refuses a newer one in one line."""
+    """make_ready before serving: `python service.py` refuses in one line (CannotServe)."""
     async with open_database(url) as database:
-        await apply_schema(database, DATABASE_POOLED)
-        if DATABASE_POOLED and DATABASE_STATEMENT_CACHE:
-            await check_prepared_statements_are_kept(database)
+        await make_ready(database, DATABASE_POOLED, DATABASE_STATEMENT_CACHE)
 
 
 # === 9. The command line =========================================================================
