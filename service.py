@@ -509,11 +509,7 @@ def create_app(
     statement_cache: bool | None = None,
 ) -> Starlette:
     """The app on the settings; a test may give its own database and verifier. Either way, its
-    lifespan refuses to start on settings_problem, before it connects or serves."""
-    if database_url is None:
-        database_url = DATABASE_URL
-    if statement_cache is None:
-        statement_cache = DATABASE_STATEMENT_CACHE
+    lifespan starts it (start) and says in one line why it cannot."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -523,10 +519,8 @@ def create_app(
         except Exception as exc:
             log.error("cannot start: %s", startup_problem(exc))
             raise
-        try:
-            yield
-        finally:
-            await database.disconnect()
+        yield
+        await database.disconnect()
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
     cors = Middleware(
@@ -565,18 +559,22 @@ def create_app(
     return app
 
 
-async def start(app: Starlette, url: str, verifier, pooled, statement_cache: bool) -> Database:
-    """Settings checked, then the database connected and made ready; a CannotServe says why not."""
+async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Database:
+    """The settings gate, then the database connected and made ready; a CannotServe says why
+    not. The arguments default to the settings."""
+    if url is None:
+        url = DATABASE_URL
     problem = settings_problem(url)
     if problem:
         raise CannotServe(problem)
+    target = read_database_url(url)
     if verifier is None:
         verifier = TokenVerifier(BETTER_AUTH_SECRET, JWKS_URL, JWT_ISSUER, JWT_AUDIENCE)
-    app.state.verifier = verifier
-    target = read_database_url(url)
-    log.info("accepting tokens: %s", accepted_tokens(verifier))
     if pooled is None:
         pooled = target.pooled
+    if statement_cache is None:
+        statement_cache = DATABASE_STATEMENT_CACHE
+    log.info("accepting tokens: %s", accepted_tokens(verifier))
     log.info("database: %s", target.protection)
     database = open_database(url, target.tls, pooled, statement_cache)
     await database.connect()
@@ -586,6 +584,8 @@ async def start(app: Starlette, url: str, verifier, pooled, statement_cache: boo
     except BaseException:
         await database.disconnect()
         raise
+    # Only now can a request have a caller: BearerAuth finds no verifier before.
+    app.state.verifier = verifier
     app.state.database = database
     return database
 
@@ -631,8 +631,9 @@ CREATE_TASK = """
 
 # PUT, PATCH, /complete and /toggle (run_change).
 # - :changes is a JSON object of the columns the request sets (null clears one).
-#   jsonb_populate_record lays it over the task's row; the SET list names the only columns a
-#   change can touch: never id, user_id or created_at.
+#   jsonb_populate_record lays it over the task's row: in the sub-SELECT an unqualified column
+#   is `changed`'s, the request's value where it gave one and the row's otherwise. The SET list
+#   names the only columns a change can touch: never id, user_id or created_at.
 # - :flip turns completed over (/complete or /toggle without a body).
 # - :completing declines (no row) a change that might complete a task that recurs and has no
 #   successor yet: change_task then decides in Python, on the locked row, and comes back here
@@ -975,9 +976,14 @@ def read_values(source: str, rules: dict, given: dict) -> tuple[dict, list]:
 async def read_json_body(request: Request, required: bool = True):
     """The body's JSON; None for an empty body where one is optional. A client that leaves
     mid-body raises ClientDisconnect (see client_left)."""
+    body = b""
     try:
         async with asyncio.timeout(BODY_DEADLINE_SECONDS):
-            body = await read_body(request)
+            # A chunked body has no length to check in advance.
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise HTTPException(413, "Request body too large")
     except TimeoutError:
         raise HTTPException(408, "Request body not received in time") from None
     if not body.strip() and not required:
@@ -988,16 +994,6 @@ async def read_json_body(request: Request, required: bool = True):
     # RecursionError: deeply nested arrays.
     except (ValueError, RecursionError):
         raise HTTPException(400, "Invalid JSON body") from None
-
-
-async def read_body(request: Request) -> bytes:
-    body = b""
-    # A chunked body has no length to check in advance.
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise HTTPException(413, "Request body too large")
-    return body
 
 
 def trimmed(value):
@@ -1269,23 +1265,21 @@ def task_id_or_404(request: Request) -> str:
         raise HTTPException(404, TASK_NOT_FOUND) from None
 
 
-LIST_LIMIT_DEFAULT = 100
 LIST_LIMIT_MAX = 1000
 # LIMIT and OFFSET are 64-bit.
 SQL_BIGINT_MAX = 2**63 - 1
 # Checked before int(), which refuses 4,300 digits and more with an error of its own.
 MAX_QUERY_NUMBER_DIGITS = len(str(SQL_BIGINT_MAX))
-SEARCH_MAX = TITLE_MAX + DESCRIPTION_MAX
 BOOLEANS = {"true": True, "false": False}
-# status: which tasks, by completed.
+# Which tasks, by completed.
 STATUSES = {"all": None, "pending": False, "completed": True}
-LIST_SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
+SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
 # priority may repeat (any of them), as tag may (MAX_TAGS): a frontend may send one twice.
 MAX_PRIORITIES_GIVEN = 20
 
 
-def choice(options) -> callable:
-    """A rule: one of options (a dict's keys, read as its entries)."""
+def choice(options):
+    """A rule: one of options (a dict's keys, each read as its entry)."""
     if not isinstance(options, dict):
         options = {option: option for option in options}
     return one_of(options, f"Input should be one of: {', '.join(options)}")
@@ -1304,23 +1298,21 @@ def whole_number(low: int, high: int):
 
 
 def read_search(raw: str) -> str:
-    if not is_storable_text(raw, SEARCH_MAX):
+    if not is_storable_text(raw, TITLE_MAX + DESCRIPTION_MAX):
         raise Invalid("Search text is too long or not valid text", "string_type")
     return raw
-
-
-PRIORITY_CHOICE = choice(PRIORITIES)
 
 
 def read_priorities(raws: list[str]) -> list[int]:
     # Refused as a whole past its limit, before its items are read.
     if len(raws) > MAX_PRIORITIES_GIVEN:
         raise Invalid(f"At most {MAX_PRIORITIES_GIVEN} priorities", "too_long")
+    rank = choice(PRIORITIES)
     ranks = []
     errors = []
     for raw in raws:
         try:
-            ranks.append(PRIORITY_CHOICE(raw))
+            ranks.append(rank(raw))
         except Invalid as problem:
             errors += problem.errors
     if errors:
@@ -1337,67 +1329,56 @@ def read_query_tags(raws: list[str]) -> list[str]:
     return tags
 
 
-# The list's query parameters, each with its rule; a repeatable one is read as a list.
+# Each query parameter: another name it may go by, its rule, and its value when not given
+# (None turns that filter off). A parameter whose value is a list may repeat.
 LIST_PARAMETERS = {
-    "completed": choice(BOOLEANS),
-    "status": choice(STATUSES),
-    "sort": choice(LIST_SORTS),
-    "order": choice(("asc", "desc")),
-    "overdue": choice(BOOLEANS),
-    "reminder_due": choice(BOOLEANS),
-    "limit": whole_number(1, LIST_LIMIT_MAX),
-    "offset": whole_number(0, SQL_BIGINT_MAX),
-    "q": read_search,
-    "priority": read_priorities,
-    "tag": read_query_tags,
-    "due_before": lambda raw: parse_moment(raw, date_means="start")[1],
-    "due_after": lambda raw: parse_moment(raw, date_means="end")[1],
-}
-REPEATABLE = ("priority", "tag")
-# A parameter with two names: either, not both with different values.
-ALIASES = {"sort": "sort_by", "order": "sort_order", "q": "search"}
-# A filter that is not given is off (None).
-LIST_DEFAULTS = {
-    "sort": "created_at",
-    "order": "desc",
-    "limit": LIST_LIMIT_DEFAULT,
-    "offset": 0,
-    "q": "",
-    "priority": [],
-    "tag": [],
+    "completed": (None, choice(BOOLEANS), None),
+    "status": (None, choice(STATUSES), None),
+    "sort": ("sort_by", choice(SORTS), "created_at"),
+    "order": ("sort_order", choice(("asc", "desc")), "desc"),
+    "overdue": (None, choice(BOOLEANS), None),
+    "reminder_due": (None, choice(BOOLEANS), None),
+    "limit": (None, whole_number(1, LIST_LIMIT_MAX), 100),
+    "offset": (None, whole_number(0, SQL_BIGINT_MAX), 0),
+    "q": ("search", read_search, ""),
+    "priority": (None, read_priorities, []),
+    "tag": (None, read_query_tags, []),
+    "due_before": (None, lambda raw: parse_moment(raw, date_means="start")[1], None),
+    "due_after": (None, lambda raw: parse_moment(raw, date_means="end")[1], None),
 }
 
 
-def given_parameters(params) -> tuple[dict, list]:
-    """The raw value of each parameter given (the last, or all of a repeatable one), and an
-    error for one given under both its names with different values."""
-    given = {}
+def read_query(params) -> dict:
+    """Every parameter's value (its default, if not given), or a 422 naming each bad one."""
+    query = {}
     errors = []
-    for name in LIST_PARAMETERS:
+    for name, (alias, rule, default) in LIST_PARAMETERS.items():
         raws = params.getlist(name)
-        if name in ALIASES:
-            raws += params.getlist(ALIASES[name])
-        if name in ALIASES and len(set(raws)) > 1:
-            message = f"Give {name} or {ALIASES[name]}, not both with different values"
+        if alias:
+            raws += params.getlist(alias)
+        if alias and len(set(raws)) > 1:
+            message = f"Give {name} or {alias}, not both with different values"
             errors.append((("query", name), message, "value_error"))
-        if name in REPEATABLE:
-            given[name] = raws
-        elif raws:
-            given[name] = raws[-1]
-    return given, errors
+        query[name] = default
+        if not raws:
+            continue
+        # The last value given, or all of them for a parameter that may repeat.
+        raw = raws if isinstance(default, list) else raws[-1]
+        try:
+            query[name] = rule(raw)
+        except Invalid as problem:
+            errors += [(("query", name, *loc), msg, kind) for loc, msg, kind in problem.errors]
+    if errors:
+        raise invalid(*errors)
+    return query
 
 
 def parse_list_query(params) -> tuple[str, dict] | None:
     """LIST_TASKS with its ORDER BY, and its values but :user_id (NULL turns a filter off).
     None when nothing can match (a tag with NUL, or completed=true&status=pending)."""
-    given, errors = given_parameters(params)
-    values, read_errors = read_values("query", LIST_PARAMETERS, given)
-    errors += read_errors
-    if errors:
-        raise invalid(*errors)
-    query = {**LIST_DEFAULTS, **values}
-    completed = query.get("status")
-    if query.get("completed") is not None:
+    query = read_query(params)
+    completed = query["status"]
+    if query["completed"] is not None:
         if completed not in (None, query["completed"]):
             return None
         completed = query["completed"]
@@ -1410,10 +1391,10 @@ def parse_list_query(params) -> tuple[str, dict] | None:
         "pattern": f"%{like}%" if query["q"] else None,
         "priorities": query["priority"] or None,
         "tag_keys": [tag.casefold() for tag in query["tag"]] or None,
-        "due_before": query.get("due_before"),
-        "due_after": query.get("due_after"),
-        "overdue": query.get("overdue"),
-        "reminder_due": query.get("reminder_due"),
+        "due_before": query["due_before"],
+        "due_after": query["due_after"],
+        "overdue": query["overdue"],
+        "reminder_due": query["reminder_due"],
     }
     values = {
         **filters,
