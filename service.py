@@ -876,7 +876,7 @@ async def change_locked_task(request, task_id, fields, flip, now, completing):
         raise HTTPException(404, TASK_NOT_FOUND)
     new = {name: fields.get(name, old[name]) for name in RECURRENCE_COLUMNS}
     if recurs_without_due_date(new):
-        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
+        raise unprocessable(RECURRENCE_WITHOUT_DUE_DATE)
     successor = None
     completes = completing and not old["completed"]
     if completes and new["recurrence"] and not old["next_occurrence_id"]:
@@ -921,7 +921,7 @@ async def openapi_document(request: Request) -> Response:
 # === 6. Input ====================================================================================
 # Clean values, or a 400 / 408 / 413 / 422 in the contract's shape (FastAPI's: loc, msg, type).
 # The body's fields and the list's parameters are each a table: a name and the function that
-# reads it, which returns clean values or raises Invalid.
+# reads it, which returns clean values or raises BadValue.
 
 MAX_BODY_BYTES = 64 * 1024
 # A body that has not arrived within this is a 408: a slow client does not hold a worker.
@@ -941,14 +941,14 @@ WHITE_SPACE = "\t\n\v\f\r \xa0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff" + "".j
 NOT_AN_OBJECT = (("body",), "Input should be a valid JSON object", "model_attributes_type")
 
 
-class Invalid(Exception):
+class BadValue(Exception):
     """What is wrong with one value: (loc below the value, msg, type) for each error."""
 
     def __init__(self, message: str = "", kind: str = "", errors: list | None = None) -> None:
         self.errors = errors or [((), message, kind)]
 
 
-def invalid(*errors: tuple) -> HTTPException:
+def unprocessable(*errors: tuple) -> HTTPException:
     """A 422; each error is (loc, msg, type), loc led by "body" or "query" and the field."""
     details = []
     per_field = collections.Counter()
@@ -968,7 +968,7 @@ def read_values(source: str, rules: dict, given: dict) -> tuple[dict, list]:
     for name, raw in given.items():
         try:
             values[name] = rules[name](raw)
-        except Invalid as problem:
+        except BadValue as problem:
             errors += [((source, name, *loc), msg, kind) for loc, msg, kind in problem.errors]
     return values, errors
 
@@ -1004,23 +1004,27 @@ def trimmed(value):
 
 def read_text(value, max_length: int, min_length: int = 1) -> str:
     if not isinstance(value, str):
-        raise Invalid("Input should be a valid string", "string_type")
+        raise BadValue("Input should be a valid string", "string_type")
     if not is_storable_text(value, len(value)):
         message = "String should not contain NUL characters or unpaired surrogates"
-        raise Invalid(message, "string_unicode")
+        raise BadValue(message, "string_unicode")
     if len(value) > max_length:
-        raise Invalid(f"String should have at most {max_length} characters", "string_too_long")
+        raise BadValue(f"String should have at most {max_length} characters", "string_too_long")
     if len(value) < min_length:
-        raise Invalid("String should have at least 1 character", "string_too_short")
+        raise BadValue("String should have at least 1 character", "string_too_short")
     return value
 
 
-def one_of(options: dict, message: str):
-    """A rule: the value is a key of options, and reads as its entry."""
+def one_of(options, message: str | None = None):
+    """A rule: one of options; a dict's keys, each read as its entry."""
+    if not isinstance(options, dict):
+        options = {option: option for option in options}
+    if message is None:
+        message = f"Input should be one of: {', '.join(options)}"
 
     def read(value):
         if not isinstance(value, str) or value not in options:
-            raise Invalid(message, "enum")
+            raise BadValue(message, "enum")
         return options[value]
 
     return read
@@ -1039,7 +1043,7 @@ def read_description(value) -> str | None:
 def read_completed(value) -> bool:
     # "true" and 1 are not booleans.
     if type(value) is not bool:
-        raise Invalid("Input should be a valid boolean", "bool_type")
+        raise BadValue("Input should be a valid boolean", "bool_type")
     return value
 
 
@@ -1047,37 +1051,28 @@ def read_tags(value) -> list[str]:
     """Trimmed, 1 to TAG_MAX characters, at most MAX_TAGS. Tags that differ only in case are
     one tag, spelled as it first came."""
     if not isinstance(value, list):
-        raise Invalid("Input should be a valid array of strings", "list_type")
+        raise BadValue("Input should be a valid array of strings", "list_type")
     # Refused as a whole, before any item is read.
     if len(value) > MAX_TAGS:
-        raise Invalid(f"At most {MAX_TAGS} tags", "too_long")
+        raise BadValue(f"At most {MAX_TAGS} tags", "too_long")
     kept = {}
     errors = []
     for index, tag in enumerate(value):
         try:
             tag = read_text(trimmed(tag), TAG_MAX)
-        except Invalid as problem:
+        except BadValue as problem:
             errors += [((index,), msg, kind) for _, msg, kind in problem.errors]
             continue
         kept.setdefault(tag.casefold(), tag)
     if errors:
-        raise Invalid(errors=errors)
+        raise BadValue(errors=errors)
     return list(kept.values())
 
 
 def read_recurrence(value) -> str | None:
     if value is None or value in RECURRENCES:
         return value
-    raise Invalid("Input should be 'daily', 'weekly', 'monthly' or null", "enum")
-
-
-def read_due_date(value) -> tuple[str | None, str | None]:
-    """(as served, the instant it stands for): a date-only due date is the end of that day."""
-    return parse_moment(value, date_means="end")
-
-
-def read_remind_at(value) -> str | None:
-    return parse_moment(value, date_means=None)[0]
+    raise BadValue("Input should be 'daily', 'weekly', 'monthly' or null", "enum")
 
 
 # The fields a client may send, each with its rule; anything else in a body is ignored.
@@ -1087,8 +1082,9 @@ TASK_FIELDS = {
     "completed": read_completed,
     "priority": one_of(PRIORITIES, "Input should be 'low', 'medium' or 'high'"),
     "tags": read_tags,
-    "due_date": read_due_date,
-    "remind_at": read_remind_at,
+    # (as served, the instant stored): a date-only due date is the end of that day, UTC.
+    "due_date": lambda value: parse_moment(value, date_means="end"),
+    "remind_at": lambda value: parse_moment(value, date_means=None)[0],
     "recurrence": read_recurrence,
 }
 # A new task's columns, but for its title.
@@ -1116,7 +1112,7 @@ def parse_task_fields(body, partial: bool) -> dict:
     """A create's columns (defaults for those missing) or an update's (those given, at least
     one). Only TASK_FIELDS are read; every invalid one is named in one 422."""
     if not isinstance(body, dict):
-        raise invalid(NOT_AN_OBJECT)
+        raise unprocessable(NOT_AN_OBJECT)
     errors = []
     if not partial and "title" not in body:
         errors.append((("body", "title"), "Field required", "missing"))
@@ -1127,7 +1123,7 @@ def parse_task_fields(body, partial: bool) -> dict:
         message = f"At least one of {', '.join(TASK_FIELDS)} is required"
         errors.append((("body",), message, "missing"))
     if errors:
-        raise invalid(*errors)
+        raise unprocessable(*errors)
     columns = dict(fields)
     # Stored twice: tags as JSON beside tag_keys (case-folded), for the filter; due_date
     # beside due_at, the instant it stands for.
@@ -1140,7 +1136,7 @@ def parse_task_fields(body, partial: bool) -> dict:
         return columns
     task = {**NEW_TASK_DEFAULTS, **columns}
     if recurs_without_due_date(task):
-        raise invalid(RECURRENCE_WITHOUT_DUE_DATE)
+        raise unprocessable(RECURRENCE_WITHOUT_DUE_DATE)
     return task
 
 
@@ -1163,12 +1159,12 @@ def parse_completion(body) -> dict:
     if body is None:
         return {}
     if not isinstance(body, dict):
-        raise invalid(NOT_AN_OBJECT)
+        raise unprocessable(NOT_AN_OBJECT)
     if "completed" not in body:
         return {}
     fields, errors = read_values("body", TASK_FIELDS, {"completed": body["completed"]})
     if errors:
-        raise invalid(*errors)
+        raise unprocessable(*errors)
     return fields
 
 
@@ -1231,14 +1227,14 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
     else:
         expected = "Input should be an RFC 3339 date-time"
     if not isinstance(value, str):
-        raise Invalid(expected, "datetime_type")
+        raise BadValue(expected, "datetime_type")
     parts = DATE_TIME.fullmatch(value)
     is_date = date_means is not None and DATE.fullmatch(value) is not None
     if not parts and not is_date:
-        raise Invalid(expected, "datetime_parsing")
+        raise BadValue(expected, "datetime_parsing")
     if parts and not parts[3]:
         message = "A date-time needs Z or an offset such as +02:00 (without, it is ambiguous)"
-        raise Invalid(message, "timezone_aware")
+        raise BadValue(message, "timezone_aware")
     try:
         if parts:
             # fromisoformat takes at most 6 digits of a second.
@@ -1248,10 +1244,10 @@ def parse_moment(value, date_means: str | None) -> tuple[str | None, str | None]
         else:
             moment = datetime.fromisoformat(value + "T00:00:00")
     except (ValueError, OverflowError):
-        raise Invalid(expected, "datetime_parsing") from None
+        raise BadValue(expected, "datetime_parsing") from None
     if not 1 <= moment.year <= MOMENT_YEAR_MAX:
         message = f"Input should be a moment in the years 1 to {MOMENT_YEAR_MAX}"
-        raise Invalid(message, "datetime_range")
+        raise BadValue(message, "datetime_range")
     if parts:
         return stamp(moment), stamp(moment)
     return value, stamp(moment)
@@ -1278,20 +1274,13 @@ SORTS = ("created_at", "updated_at", "title", "priority", "due_date")
 MAX_PRIORITIES_GIVEN = 20
 
 
-def choice(options):
-    """A rule: one of options (a dict's keys, each read as its entry)."""
-    if not isinstance(options, dict):
-        options = {option: option for option in options}
-    return one_of(options, f"Input should be one of: {', '.join(options)}")
-
-
 def whole_number(low: int, high: int):
     """A rule: a whole number from low to high, in decimal digits."""
 
     def read(raw: str) -> int:
         is_number = raw.isascii() and raw.isdigit() and len(raw) <= MAX_QUERY_NUMBER_DIGITS
         if not is_number or not low <= int(raw) <= high:
-            raise Invalid(f"Input should be a whole number from {low} to {high}", "int_range")
+            raise BadValue(f"Input should be a whole number from {low} to {high}", "int_range")
         return int(raw)
 
     return read
@@ -1299,45 +1288,45 @@ def whole_number(low: int, high: int):
 
 def read_search(raw: str) -> str:
     if not is_storable_text(raw, TITLE_MAX + DESCRIPTION_MAX):
-        raise Invalid("Search text is too long or not valid text", "string_type")
+        raise BadValue("Search text is too long or not valid text", "string_type")
     return raw
 
 
 def read_priorities(raws: list[str]) -> list[int]:
     # Refused as a whole past its limit, before its items are read.
     if len(raws) > MAX_PRIORITIES_GIVEN:
-        raise Invalid(f"At most {MAX_PRIORITIES_GIVEN} priorities", "too_long")
-    rank = choice(PRIORITIES)
+        raise BadValue(f"At most {MAX_PRIORITIES_GIVEN} priorities", "too_long")
+    rank = one_of(PRIORITIES)
     ranks = []
     errors = []
     for raw in raws:
         try:
             ranks.append(rank(raw))
-        except Invalid as problem:
+        except BadValue as problem:
             errors += problem.errors
     if errors:
-        raise Invalid(errors=errors)
+        raise BadValue(errors=errors)
     return ranks
 
 
 def read_query_tags(raws: list[str]) -> list[str]:
     if len(raws) > MAX_TAGS:
-        raise Invalid(f"At most {MAX_TAGS} tags", "too_long")
+        raise BadValue(f"At most {MAX_TAGS} tags", "too_long")
     tags = [trimmed(tag) for tag in raws]
     if not all(0 < len(tag) <= TAG_MAX for tag in tags):
-        raise Invalid(f"Each tag should have 1 to {TAG_MAX} characters", "value_error")
+        raise BadValue(f"Each tag should have 1 to {TAG_MAX} characters", "value_error")
     return tags
 
 
 # Each query parameter: another name it may go by, its rule, and its value when not given
 # (None turns that filter off). A parameter whose value is a list may repeat.
 LIST_PARAMETERS = {
-    "completed": (None, choice(BOOLEANS), None),
-    "status": (None, choice(STATUSES), None),
-    "sort": ("sort_by", choice(SORTS), "created_at"),
-    "order": ("sort_order", choice(("asc", "desc")), "desc"),
-    "overdue": (None, choice(BOOLEANS), None),
-    "reminder_due": (None, choice(BOOLEANS), None),
+    "completed": (None, one_of(BOOLEANS), None),
+    "status": (None, one_of(STATUSES), None),
+    "sort": ("sort_by", one_of(SORTS), "created_at"),
+    "order": ("sort_order", one_of(("asc", "desc")), "desc"),
+    "overdue": (None, one_of(BOOLEANS), None),
+    "reminder_due": (None, one_of(BOOLEANS), None),
     "limit": (None, whole_number(1, LIST_LIMIT_MAX), 100),
     "offset": (None, whole_number(0, SQL_BIGINT_MAX), 0),
     "q": ("search", read_search, ""),
@@ -1366,10 +1355,10 @@ def read_query(params) -> dict:
         raw = raws if isinstance(default, list) else raws[-1]
         try:
             query[name] = rule(raw)
-        except Invalid as problem:
+        except BadValue as problem:
             errors += [(("query", name, *loc), msg, kind) for loc, msg, kind in problem.errors]
     if errors:
-        raise invalid(*errors)
+        raise unprocessable(*errors)
     return query
 
 
@@ -1469,7 +1458,7 @@ async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -
     # first. Any other CHECK that fails is a bug: a 500.
     if exc.constraint_name != "recurring_task_needs_due_date":
         return await server_error(request, exc)
-    return await http_error(request, invalid(RECURRENCE_WITHOUT_DUE_DATE))
+    return await http_error(request, unprocessable(RECURRENCE_WITHOUT_DUE_DATE))
 
 
 async def database_error(request: Request, exc: Exception) -> Response:
