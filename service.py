@@ -82,7 +82,8 @@ CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http:
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
 # postgresql://user:password@host/db?sslmode=require; section 8 reads it.
 DATABASE_URL = config("DATABASE_URL", default="")
-# PgBouncer in transaction mode: true by default for Neon's pooled hosts ("-pooler" in the name).
+# PgBouncer in transaction mode. Unset: true for Neon's pooled hosts, whose names hold "-pooler"
+# (read_database_url); check_pooler refuses a pooler that is not declared.
 DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default=None)
 # asyncpg's prepared statements: one round trip per statement. Off only behind a pooler that
 # cannot keep them (PgBouncer before 1.21); each statement then takes two.
@@ -544,7 +545,9 @@ def create_app(
     app = Starlette(
         routes=service_routes(),
         # Starlette's ServerErrorMiddleware, innermost: any other exception becomes the bare 500
-        # inside RequestLog and CORS, which log it and add their headers as to any answer.
+        # inside RequestLog and CORS, which log it and add their headers as to any answer. It
+        # re-raises for uvicorn's log (without the text: configure_logging); Starlette's own
+        # outermost one then finds the answer sent, and does nothing more.
         middleware=[
             Middleware(RequestLog),
             cors,
@@ -683,8 +686,9 @@ DELETE_TASK = """
 """
 
 # A list; parse_list_query gives every value but :user_id.
-# - A filter is off when its value is NULL. Planned for its values (plan_cache_mode, section 8),
-#   the statement then leaves it out. :pattern is a LIKE pattern whose escape is '!'.
+# - A filter is off when its value is NULL. PostgreSQL plans each list for the values given
+#   (plan_cache_mode, section 8), so a filter that is off is left out of the plan. :pattern is a
+#   LIKE pattern whose escape is '!'.
 # - The total (X-Total-Count) comes beside the page, so a page past the end still has it:
 #   `FROM (SELECT) LEFT JOIN page` is one row, NULL but for total_count, when the page is empty.
 #   Unfiltered (:filtered is false), the total is the user's task_count.
@@ -839,6 +843,7 @@ async def change_task(request: Request, task_id: str, fields: dict, flip: bool) 
     any statement, so schema.sql's CHECK never puts the row in the server's log), the locked
     path: a transaction, which `databases` runs on the one connection of this request's task."""
     now = utc_now()
+    # The change would leave the task completed: a flip, or "completed": true.
     completing = flip or fields.get("completed") is True
     row = None
     if not might_recur_without_due_date(fields):
@@ -878,8 +883,8 @@ async def change_locked_task(request, task_id, fields, flip, now, completing):
     if recurs_without_due_date(new):
         raise unprocessable(RECURRENCE_WITHOUT_DUE_DATE)
     successor = None
-    completes = completing and not old["completed"]
-    if completes and new["recurrence"] and not old["next_occurrence_id"]:
+    newly_completed = completing and not old["completed"]
+    if newly_completed and new["recurrence"] and not old["next_occurrence_id"]:
         successor = next_occurrence(new)
     successor_id = None
     if successor is not None:
@@ -1332,6 +1337,7 @@ LIST_PARAMETERS = {
     "q": ("search", read_search, ""),
     "priority": (None, read_priorities, []),
     "tag": (None, read_query_tags, []),
+    # parse_moment gives (as served, the instant stored): a filter compares instants.
     "due_before": (None, lambda raw: parse_moment(raw, date_means="start")[1], None),
     "due_after": (None, lambda raw: parse_moment(raw, date_means="end")[1], None),
 }
@@ -1351,7 +1357,7 @@ def read_query(params) -> dict:
         query[name] = default
         if not raws:
             continue
-        # The last value given, or all of them for a parameter that may repeat.
+        # A parameter that may repeat (its default is a list) takes every value, others the last.
         raw = raws if isinstance(default, list) else raws[-1]
         try:
             query[name] = rule(raw)
@@ -1607,10 +1613,11 @@ ROLE_SETTINGS = [
     f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
     "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
 ]
-# The URL's options: libpq's TLS ones, which asyncpg does not read from `databases` (read
-# here); channel_binding, accepted and ignored (asyncpg has none: the verified certificate is
-# the protection it stands for); and those `databases` itself reads. Anything else is refused:
-# a misspelled sslmode must not be a connection in the clear.
+# The URL's options. `databases` hands asyncpg the URL's host (or host=), port, user, password
+# and database, and min_size, max_size and ssl=, which open_database's ssl= replaces; libpq's TLS
+# options (sslmode, sslrootcert) are read here. channel_binding is ignored: asyncpg has none,
+# and the verified certificate is the protection it stands for. Anything else is refused: a
+# misspelled sslmode must not be a connection in the clear.
 URL_OPTIONS = {"sslmode", "sslrootcert", "channel_binding", "host", "min_size", "max_size"}
 # libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
 # host name here, before the password is sent: stricter than libpq's require, on purpose.
@@ -1661,6 +1668,9 @@ def read_database_url(url: str) -> DatabaseTarget:
     root = options.get("sslrootcert")
     if root is not None and sslmode not in TLS_SSLMODES:
         raise CannotServe("DATABASE_URL's sslrootcert needs sslmode=require (or verify-*)")
+    # libpq refuses this without TLS; here it would be a connection in the clear.
+    if options.get("channel_binding") == "require" and sslmode not in TLS_SSLMODES:
+        raise CannotServe("DATABASE_URL's channel_binding=require needs sslmode=require")
     if root not in (None, SYSTEM_AUTHORITIES) and not Path(root).is_file():
         raise CannotServe("DATABASE_URL's sslrootcert is not a file: a PEM file, or system")
     pooled = DATABASE_POOLED
@@ -1681,7 +1691,9 @@ def read_database_url(url: str) -> DatabaseTarget:
 
 
 async def no_reset(connection) -> None:
-    """Nothing to reset: the service keeps no session state (asyncpg's own reset costs a query)."""
+    """Instead of asyncpg's RESET ALL and unlock query on every release: the service keeps no
+    session state (SET LOCAL, transaction locks). asyncpg still rolls back a transaction left
+    open before it calls this."""
 
 
 def open_database(url: str, tls, pooled: bool, statement_cache: bool) -> Database:
@@ -1782,11 +1794,10 @@ async def check_pooler(database: Database, pooled: bool, statement_cache: bool) 
         async with connection.transaction():
             session = await connection.fetch_one(SERVER_SESSION)
             given_pid = connection.raw_connection.get_server_pid()
-    if session["pid"] == given_pid:
-        return
-    if statement_cache and session["sees_our_statements"]:
+    behind_a_pooler = session["pid"] != given_pid
+    if behind_a_pooler and statement_cache and session["sees_our_statements"]:
         raise CannotServe(NO_PREPARED_STATEMENTS)
-    if not pooled:
+    if behind_a_pooler and not pooled:
         raise CannotServe("DATABASE_URL leads to a pooler: set DATABASE_POOLED=true")
 
 

@@ -10,6 +10,7 @@ that cannot be started fails the run instead of skipping it.
 
 import ast
 import asyncio
+import base64
 import gzip
 import hashlib
 import hmac
@@ -1618,6 +1619,23 @@ async def test_hostile_claim_values_are_401_not_500(client, kind, name):
     assert await client.database.fetch_all("SELECT id FROM users") == []
 
 
+@pytest.mark.parametrize("part", ["header", "payload"])
+async def test_json_nested_past_the_recursion_limit_in_a_token_is_401_not_500(client, part):
+    """PyJWT turns the RecursionError of a header or payload nested 3,000 deep (under the 8 KiB
+    cap) into a DecodeError: this holds it to that."""
+    nested = b"[" * 3000 + b"]" * 3000
+    header = b'{"alg": "HS256"}'
+    payload = nested if part == "payload" else b'{"sub": "alice", "exp": 4102444800}'
+    if part == "header":
+        header = nested
+    segments = [base64.urlsafe_b64encode(data).rstrip(b"=") for data in (header, payload)]
+    signing_input = b".".join(segments)
+    signature = hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest()
+    token = b".".join([signing_input, base64.urlsafe_b64encode(signature).rstrip(b"=")])
+    response = await client.get("/api/tasks", headers=bearer(token.decode()))
+    assert response.status_code == 401 and response.json() == {"detail": INVALID}
+
+
 @pytest.mark.parametrize("kind", ["hs256", "jwks"])
 @pytest.mark.parametrize(
     "claims",
@@ -2993,10 +3011,20 @@ async def test_the_settings_gate_runs_however_the_app_is_made(
 @pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 async def test_an_app_that_was_never_started_serves_no_caller(database):
     """The verifier comes with the lifespan, after the gate: a server that skipped the lifespan
-    (uvicorn's --lifespan off) answers no token with data."""
-    async with asgi_client(service.create_app(database.url)) as http:
+    (uvicorn's --lifespan off) answers no token with data, and no handler runs."""
+    reads = []
+
+    class Recording:
+        async def fetch_all(self, *args):
+            reads.append(args)
+            return []
+
+    app = service.create_app(database.url)
+    app.state.database = Recording()
+    async with asgi_client(app) as http:
         response = await http.get("/api/tasks", headers=auth())
     assert response.status_code == 500 and response.json() == {"detail": "Internal server error"}
+    assert reads == []
 
 
 @pytest.mark.parametrize(
@@ -3566,6 +3594,7 @@ def test_a_database_url_without_sslmode_is_logged_as_not_encrypted(url, mode):
         ("?SSLMODE=require", "'SSLMODE' is not one of"),
         ("?ssl_mode=require", "'ssl_mode' is not one of"),
         ("?sslmode%3Drequire", "'sslmode=require' is not one of"),
+        ("?channel_binding=require", "channel_binding=require needs sslmode"),
     ],
     ids=[
         "prefer-falls-back",
@@ -3576,6 +3605,7 @@ def test_a_database_url_without_sslmode_is_logged_as_not_encrypted(url, mode):
         "uppercase-option",
         "misspelled-option",
         "encoded-equals-sign",
+        "channel-binding-without-tls",
     ],
 )
 def test_database_tls_settings_that_cannot_hold_stop_the_service_in_one_line(
@@ -3644,6 +3674,20 @@ async def test_the_app_refuses_a_database_url_that_cannot_be_read():
             pass
     for credential in MALFORMED_URL_CREDENTIALS:
         assert credential not in str(refused.value)
+
+
+def test_service_py_is_what_production_runs_and_nothing_else(tmp_path):
+    """The quick start is dev.py: importing service.py does not load it, none of it is in
+    service.py, and the Procfile runs service.py's app with uvicorn."""
+    script = "import sys, service; print('dev' in sys.modules)"
+    settings = {"PYTHONPATH": str(HERE), "BETTER_AUTH_SECRET": SECRET}
+    result = run_python(["-c", script], settings, cwd=tmp_path)
+    assert result.stdout.strip() == "False", result.stderr
+    source = (HERE / "service.py").read_text()
+    for word in ("initdb", "pg_ctl", "chown", "useradd", "jwt.encode", "secrets.token_urlsafe"):
+        assert word not in source
+    assert PROCFILE_COMMAND.startswith("uvicorn service:app ")
+    assert "--lifespan on" in PROCFILE_COMMAND
 
 
 def test_token_command_prints_a_one_hour_token(tmp_path):
