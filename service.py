@@ -58,12 +58,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# Logs name route templates and error types: never a user id, path, query, token, body, or an
-# error's text (a database error quotes rows). Section 7 sets them up.
+# Section 7 sets up the logs.
 log = logging.getLogger("service")
 
 
-# === 1. Settings =================================================================================
+# === 1. Settings ===
 # Read once, from the environment or a .env file (a deploy has none: only one that exists is read).
 config = Config(".env" if Path(".env").is_file() else None)
 
@@ -140,7 +139,7 @@ def settings_problem(database_url: str) -> str | None:
     return None
 
 
-# === 2. Authentication ===========================================================================
+# === 2. Authentication ===
 # The BearerAuth middleware turns a request into its caller, or a 401 / 403.
 #
 # The token policy, all of it (a reviewer should agree with each line):
@@ -446,7 +445,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-# === 3. Routes and app ===========================================================================
+# === 3. Routes and app ===
 # The route table is the whole surface of the service. /health and /openapi.json are the only
 # routes without a token; every /api route is made by task_routes, behind BearerAuth.
 
@@ -593,7 +592,7 @@ async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Datab
     return database
 
 
-# === 4. SQL ======================================================================================
+# === 4. SQL ===
 # Every statement, whole. Each one on a user's data names the user: `user_id = :user_id` on
 # tasks, `id = :user_id` on users (test_every_statement_on_a_users_data_names_the_user checks
 # them all). :user_id is always request.user.id, the caller that BearerAuth set. Values are
@@ -744,7 +743,7 @@ LIST_ORDERS = {
 }
 
 
-# === 5. Handlers =================================================================================
+# === 5. Handlers ===
 # One per endpoint. The caller is request.user, which BearerAuth set; a handler never reads the
 # token. `envelope` is True on token-scoped routes: the body is then {"data": ...}.
 
@@ -923,7 +922,7 @@ async def openapi_document(request: Request) -> Response:
     return Response(request.app.state.openapi, media_type="application/json")
 
 
-# === 6. Input ====================================================================================
+# === 6. Input ===
 # Clean values, or a 400 / 408 / 413 / 422 in the contract's shape (FastAPI's: loc, msg, type).
 # The body's fields and the list's parameters are each a table: a name and the function that
 # reads it, which returns clean values or raises BadValue.
@@ -1402,7 +1401,7 @@ def parse_list_query(params) -> tuple[str, dict] | None:
     return LIST_TASKS.format(order_by=order_by), values
 
 
-# === 7. Errors and logs ==========================================================================
+# === 7. Errors and logs ===
 # Every error is JSON with a `detail` key; a 500 shows no internals. Logs go to stdout (Render
 # and Fly collect it) and name route templates and error types, never an error's text.
 
@@ -1595,7 +1594,7 @@ def configure_logging() -> None:
             logger.addFilter(without_exception_text)
 
 
-# === 8. Database set-up ==========================================================================
+# === 8. Database set-up ===
 # PostgreSQL through `databases` on asyncpg.
 
 # A database that does not answer is a 503 within these bounds.
