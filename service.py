@@ -581,8 +581,10 @@ async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Datab
     database = open_database(url, target.tls, pooled, statement_cache)
     await database.connect()
     try:
-        await apply_schema(database, pooled)
+        # Before any schema change: a pooler that is refused gets none.
         await check_pooler(database, pooled, statement_cache)
+        async with open_database(url, target.tls, pooled, statement_cache, upgrade=True) as upgrade:
+            await apply_schema(upgrade, pooled)
     except BaseException:
         await database.disconnect()
         raise
@@ -1695,7 +1697,7 @@ async def no_reset(connection) -> None:
     open before it calls this."""
 
 
-def open_database(url: str, tls, pooled: bool, statement_cache: bool) -> Database:
+def open_database(url: str, tls, pooled: bool, statement_cache: bool, upgrade=False) -> Database:
     """The database at url, with asyncpg's ssl= from read_database_url (it replaces the URL's)."""
     options = {
         "reset": no_reset,
@@ -1703,6 +1705,11 @@ def open_database(url: str, tls, pooled: bool, statement_cache: bool) -> Databas
         "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS,
         "ssl": tls,
     }
+    # The schema's steps: one connection, which no client timeout cuts short (a step may take
+    # long on a large table, and other instances wait for its lock); apply_schema lifts the
+    # server's.
+    if upgrade:
+        options.update(command_timeout=None, min_size=1, max_size=1)
     if not statement_cache:
         options["statement_cache_size"] = 0
     if not pooled:
@@ -1743,10 +1750,10 @@ async def apply_schema(database: Database, pooled: bool = False) -> None:
     SESSION_SETTINGS: the pooler's new server sessions start with them."""
     steps = schema_steps()
     async with database.transaction():
+        # An upgrade of a large table may take long, and so may waiting for another's.
+        await database.execute("SET LOCAL statement_timeout = 0")
         # PgBouncer in transaction mode allows a transaction's advisory lock.
         await database.execute("SELECT pg_advisory_xact_lock(:key)", {"key": SCHEMA_LOCK})
-        # An upgrade of a large table may take long.
-        await database.execute("SET LOCAL statement_timeout = 0")
         await database.execute(
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
         )

@@ -2762,6 +2762,31 @@ async def test_a_database_newer_than_the_code_is_refused(fresh_database, verifie
     assert_refused(start_as_deployed(settings, tmp_path), "newer than this service's 4")
 
 
+@pytest.mark.parametrize("slow", ["a-long-step", "another-instance-holds-the-lock"])
+async def test_a_schema_upgrade_may_take_longer_than_the_statement_timeouts(
+    fresh_database, verifier, monkeypatch, slow
+):
+    """The 10 s bounds are for requests: a step on a large table, or the wait for another
+    instance's upgrade, must not fail the start (here with the bound at 1 s)."""
+    monkeypatch.setattr(service, "DATABASE_COMMAND_TIMEOUT_SECONDS", 1)
+    steps = service.schema_steps()
+    if slow == "a-long-step":
+        monkeypatch.setattr(service, "schema_steps", lambda: [*steps, ["SELECT pg_sleep(2)"]])
+    holder = await asyncpg.connect(fresh_database.url, statement_cache_size=0)
+    lock = holder.transaction()
+    if slow == "another-instance-holds-the-lock":
+        await lock.start()
+        await holder.execute("SELECT pg_advisory_xact_lock($1)", service.SCHEMA_LOCK)
+        asyncio.get_running_loop().call_later(2, lambda: asyncio.ensure_future(lock.rollback()))
+    try:
+        app = fresh_database.app(verifier)
+        async with app.router.lifespan_context(app):
+            version = await app.state.database.fetch_val("SELECT version FROM schema_version")
+        assert version == len(service.schema_steps())
+    finally:
+        await holder.close()
+
+
 async def test_three_instances_upgrade_an_old_database_at_once(fresh_database, tmp_path):
     await make_old_database(fresh_database, 1)
     instances = [ServiceProcess(fresh_database, tmp_path) for _ in range(3)]
