@@ -81,8 +81,10 @@ CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http:
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
 # postgresql://user:password@host/db?sslmode=require; section 8 reads it.
 DATABASE_URL = config("DATABASE_URL", default="")
-# PgBouncer in transaction mode. Unset: true for Neon's pooled hosts, whose names hold "-pooler"
-# (read_database_url); check_pooler refuses a pooler that is not declared.
+# true: PgBouncer in transaction mode; false: one server session per connection (directly, or
+# through a proxy such as Neon's direct host). Unset: known only for Neon's hosts ("-pooler" in
+# the pooled one's name; read_database_url); elsewhere check_pooler asks for it when it finds
+# something between the service and PostgreSQL.
 DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default=None)
 # asyncpg's prepared statements: one round trip per statement. Off only behind a pooler that
 # cannot keep them (PgBouncer before 1.21); each statement then takes two.
@@ -537,8 +539,7 @@ def create_app(
         HTTPException: http_error,
         ClientDisconnect: client_left,
         asyncpg.CheckViolationError: constraint_error,
-        asyncpg.InvalidSQLStatementNameError: lost_prepared_statement,
-        asyncpg.DuplicatePreparedStatementError: lost_prepared_statement,
+        **dict.fromkeys(LOST_STATEMENTS, lost_prepared_statement),
         **dict.fromkeys(DATABASE_OUTAGES, database_error),
     }
     app = Starlette(
@@ -1418,6 +1419,9 @@ DATABASE_OUTAGES = (
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
 )
+# A statement prepared on one server connection run on another, or two clients' statements of
+# one name on one server connection: a pooler that passes prepared statements on.
+LOST_STATEMENTS = (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError)
 # A caller's method is logged as sent only if it is one of these: it is the caller's text.
 LOGGED_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # A caller's X-Request-ID is kept if it looks like one.
@@ -1556,6 +1560,8 @@ def startup_problem(exc: Exception) -> str:
     which may name the database's user or host."""
     if isinstance(exc, CannotServe):
         return str(exc)
+    if isinstance(exc, LOST_STATEMENTS):
+        return NO_PREPARED_STATEMENTS
     return f"the database could not be reached or refused us ({type(exc).__name__})"
 
 
@@ -1633,8 +1639,8 @@ UNREADABLE_DATABASE_URL = (
     " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
 )
 
-# What read_database_url finds: asyncpg's ssl=, the start-up log's words for it, and whether
-# a pooler stands between us and PostgreSQL (DATABASE_POOLED, else Neon's pooler host name).
+# What read_database_url finds: asyncpg's ssl=, the start-up log's words for it, and whether a
+# pooler stands between us and PostgreSQL (DATABASE_POOLED; None when not known).
 DatabaseTarget = collections.namedtuple("DatabaseTarget", ["tls", "protection", "pooled"])
 
 
@@ -1675,7 +1681,7 @@ def read_database_url(url: str) -> DatabaseTarget:
     if root not in (None, SYSTEM_AUTHORITIES) and not Path(root).is_file():
         raise CannotServe("DATABASE_URL's sslrootcert is not a file: a PEM file, or system")
     pooled = DATABASE_POOLED
-    if pooled is None:
+    if pooled is None and server.endswith(".neon.tech"):
         pooled = "-pooler" in server
     if sslmode in TLS_SSLMODES and root in (None, SYSTEM_AUTHORITIES):
         verified = "TLS, certificate and host name verified against the system's authorities"
@@ -1697,7 +1703,7 @@ async def no_reset(connection) -> None:
     open before it calls this."""
 
 
-def open_database(url: str, tls, pooled: bool, statement_cache: bool, upgrade=False) -> Database:
+def open_database(url: str, tls, pooled, statement_cache: bool, upgrade=False) -> Database:
     """The database at url, with asyncpg's ssl= from read_database_url (it replaces the URL's)."""
     options = {
         "reset": no_reset,
@@ -1790,21 +1796,29 @@ NO_PREPARED_STATEMENTS = (
     "the database's pooler does not keep prepared statements (PgBouncer before 1.21, or"
     " max_prepared_statements = 0): set DATABASE_STATEMENT_CACHE=false"
 )
+UNDECLARED_INTERMEDIARY = (
+    "something stands between the service and PostgreSQL: set DATABASE_POOLED=true for a pooler"
+    " in transaction mode (PgBouncer), or false for a proxy that keeps one server session per"
+    " connection"
+)
 
 
-async def check_pooler(database: Database, pooled: bool, statement_cache: bool) -> None:
-    """Refuses a pooler that would run the wrong statements, whatever its host is called. A
-    pooler hands each client a process id of its own (a random one, for PgBouncer): when the
-    server's is not the one asyncpg was given at connection, a pooler is in between."""
+async def check_pooler(database: Database, pooled: bool | None, statement_cache: bool) -> None:
+    """Refuses a pooler that would run the wrong statements, whatever its host is called.
+    Something stands between us and PostgreSQL when the server's process id is not the one
+    asyncpg was given at connection: a pooler (PgBouncer's is random) or a proxy (Neon's) hands
+    out its own. From here the two cannot be told apart for certain, so unless DATABASE_POOLED
+    says which, the service does not start."""
     async with database.connection() as connection:
         async with connection.transaction():
             session = await connection.fetch_one(SERVER_SESSION)
             given_pid = connection.raw_connection.get_server_pid()
-    behind_a_pooler = session["pid"] != given_pid
-    if behind_a_pooler and statement_cache and session["sees_our_statements"]:
+    if session["pid"] == given_pid:
+        return
+    if pooled is None:
+        raise CannotServe(UNDECLARED_INTERMEDIARY)
+    if pooled and statement_cache and session["sees_our_statements"]:
         raise CannotServe(NO_PREPARED_STATEMENTS)
-    if behind_a_pooler and not pooled:
-        raise CannotServe("DATABASE_URL leads to a pooler: set DATABASE_POOLED=true")
 
 
 app = create_app()

@@ -3352,8 +3352,9 @@ def test_auth_settings_derive_from_better_auth_url(tmp_path, settings, expected)
             {"DATABASE_URL": "postgresql://u:p@x-pooler.example/db", "DATABASE_POOLED": "false"},
             "False",
         ),
+        ({"DATABASE_URL": "postgresql://u:p@pgbouncer.internal:6432/db"}, "None"),
     ],
-    ids=["neon-pooled", "neon-direct", "set-on", "set-off"],
+    ids=["neon-pooled", "neon-direct", "set-on", "set-off", "another-host-unset"],
 )
 def test_pgbouncer_mode_follows_neons_pooled_host_names_unless_set(tmp_path, settings, pooled):
     script = "import service; print(service.read_database_url(service.DATABASE_URL).pooled)"
@@ -3971,6 +3972,65 @@ class TcpProxy:
         )
 
 
+class OwnKeyProxy(TcpProxy):
+    """One server session per client connection, as Neon's proxy keeps it, which also hands the
+    client a process id of its own (BackendKeyData) to route cancellations."""
+
+    async def pipe(self, client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection(*self.target)
+
+        async def copy(reader, writer, rewrite):
+            pending = b""
+            while data := await reader.read(65536):
+                pending += data
+                if not rewrite:
+                    writer.write(pending)
+                    pending = b""
+                while rewrite and len(pending) >= 5:
+                    length = struct.unpack("!i", pending[1:5])[0]
+                    if len(pending) < 1 + length:
+                        break
+                    message, pending = pending[: 1 + length], pending[1 + length :]
+                    if message[:1] == b"K":  # no Linux process has this id
+                        message = b"K" + struct.pack("!iii", 12, 2**31 - 1, 7)
+                    writer.write(message)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(
+            copy(client_reader, server_writer, False), copy(server_reader, client_writer, True)
+        )
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+@pytest.mark.parametrize(
+    "declared, refused",
+    [("false", None), (None, "set DATABASE_POOLED=true for a pooler")],
+    ids=["declared", "undeclared"],
+)
+async def test_a_proxy_that_keeps_a_session_per_connection_serves_once_declared(
+    database, verifier, monkeypatch, declared, refused
+):
+    """Neon's direct host: a proxy with process ids of its own, passing prepared statements on
+    to a server session that is this connection's alone. From here it looks like PgBouncer
+    1.18; DATABASE_POOLED=false says it is not (Neon's host names say so by themselves)."""
+    target = urlsplit(database.url)
+    proxy = OwnKeyProxy(target.hostname, target.port)
+    await proxy.restore()
+    monkeypatch.setattr(service, "DATABASE_POOLED", {"false": False, None: None}[declared])
+    app = service.create_app(through(proxy, database.url), verifier)
+    if refused:
+        with pytest.raises(service.CannotServe, match=refused):
+            async with app.router.lifespan_context(app):
+                pass
+        return
+    async with app.router.lifespan_context(app), asgi_client(app) as http:
+        created = await http.post("/api/tasks", json={"title": "via a proxy"}, headers=auth())
+        assert created.status_code == 201
+        task_url = f"/api/tasks/{created.json()['data']['id']}"
+        assert (await http.get(task_url, headers=auth())).status_code == 200
+
+
 def through(proxy: TcpProxy, url: str) -> str:
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
@@ -4161,23 +4221,25 @@ async def test_a_pooler_that_passes_prepared_statements_on_is_refused_at_start(
 
 
 @pytest.mark.parametrize(
-    "pgbouncer, statement_cache, named",
+    "pgbouncer, pooled, statement_cache, named",
     [
-        ("ignoring_pgbouncer_url", True, "set DATABASE_STATEMENT_CACHE=false"),
-        ("ignoring_pgbouncer_url", False, "set DATABASE_POOLED=true"),
-        ("passing_pgbouncer_url", True, "ProtocolViolationError"),
+        ("ignoring_pgbouncer_url", None, True, "set DATABASE_POOLED=true for a pooler"),
+        ("ignoring_pgbouncer_url", None, False, "set DATABASE_POOLED=true for a pooler"),
+        ("ignoring_pgbouncer_url", True, True, "set DATABASE_STATEMENT_CACHE=false"),
+        ("passing_pgbouncer_url", None, True, "ProtocolViolationError"),
     ],
-    ids=["statement-cache", "session-settings-lost", "startup-settings-refused"],
+    ids=["undeclared", "undeclared-cache-off", "declared-cache-on", "startup-settings-refused"],
 )
 async def test_a_pooler_is_found_at_start_whatever_its_host_is_called(
-    request, verifier, pgbouncer, statement_cache, named
+    request, verifier, pgbouncer, pooled, statement_cache, named
 ):
-    """PgBouncer 1.18 on 127.0.0.1 (no "-pooler"), DATABASE_POOLED unset: the service refuses
-    to start in one line, every time (many clients share one server connection through it, and
-    one client's transactions land on different ones)."""
+    """PgBouncer 1.18 on 127.0.0.1 (no "-pooler"): the service refuses to start in one line,
+    every time (many clients share one server connection through it, and one client's
+    transactions land on different ones), until DATABASE_POOLED says what it is; then, with the
+    statement cache on, because it passes prepared statements on."""
     url = request.getfixturevalue(pgbouncer)
     for _start in range(5):
-        app = service.create_app(url, verifier, statement_cache=statement_cache)
+        app = service.create_app(url, verifier, pooled, statement_cache)
         with pytest.raises(Exception) as refused:
             async with app.router.lifespan_context(app):
                 pass
@@ -4187,6 +4249,8 @@ async def test_a_pooler_is_found_at_start_whatever_its_host_is_called(
 def test_the_service_process_refuses_a_pooler_it_was_not_told_of(ignoring_pgbouncer_url, tmp_path):
     """The fourth review's setting, where one instance's GET ran another's prepared DELETE."""
     settings = {"DATABASE_URL": ignoring_pgbouncer_url, "BETTER_AUTH_SECRET": SECRET}
+    assert_refused(start_as_deployed(settings, tmp_path), "set DATABASE_POOLED=true for a pooler")
+    settings["DATABASE_POOLED"] = "true"
     assert_refused(start_as_deployed(settings, tmp_path), "DATABASE_STATEMENT_CACHE=false")
 
 
