@@ -579,16 +579,14 @@ async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Datab
         statement_cache = DATABASE_STATEMENT_CACHE
     log.info("accepting tokens: %s", accepted_tokens(verifier))
     log.info("database: %s", target.protection)
+    async with open_database(url, target.tls, pooled, statement_cache, upgrade=True) as upgrade:
+        # Before any schema change: a pooler that is refused gets none.
+        await check_pooler(upgrade, pooled, statement_cache)
+        in_force = await upgrade.fetch_val(SESSION_SETTINGS_IN_FORCE, SESSION_SETTINGS)
+        await apply_schema(upgrade, role_settings=not in_force)
+    # Opened after apply_schema: its sessions start with the role's settings, if it has them.
     database = open_database(url, target.tls, pooled, statement_cache)
     await database.connect()
-    try:
-        # Before any schema change: a pooler that is refused gets none.
-        await check_pooler(database, pooled, statement_cache)
-        async with open_database(url, target.tls, pooled, statement_cache, upgrade=True) as upgrade:
-            await apply_schema(upgrade, pooled)
-    except BaseException:
-        await database.disconnect()
-        raise
     # Only now can a request have a caller: BearerAuth finds no verifier before.
     app.state.verifier = verifier
     app.state.database = database
@@ -1611,11 +1609,17 @@ DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
 # Every session's settings. A list is planned for its values: a generic plan cannot leave out
 # the filters that are off (`:x IS NULL OR ...`): a first page took 1.8 ms instead of 0.25.
-# Directly, they are startup settings; a pooler passes none on, so there the role carries them.
+# Directly, they are startup settings; where they do not arrive, the role carries them.
 SESSION_SETTINGS = {
     "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
     "plan_cache_mode": "force_custom_plan",
 }
+# Whether SESSION_SETTINGS reached the server: a pooler passes no startup setting on, and a
+# proxy may drop them too (Neon's does, unless asked otherwise).
+SESSION_SETTINGS_IN_FORCE = """
+    SELECT current_setting('statement_timeout') = :statement_timeout
+       AND current_setting('plan_cache_mode') = :plan_cache_mode
+"""
 ROLE_SETTINGS = [
     f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
     "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
@@ -1750,10 +1754,10 @@ def schema_steps() -> list[list[str]]:
     return steps
 
 
-async def apply_schema(database: Database, pooled: bool = False) -> None:
+async def apply_schema(database: Database, role_settings: bool = False) -> None:
     """Runs the steps of schema.sql that the database has not had, in one transaction, under a
-    lock: instances that start together take turns. Through a pooler, the role is given
-    SESSION_SETTINGS: the pooler's new server sessions start with them."""
+    lock: instances that start together take turns. With role_settings, the role is given
+    SESSION_SETTINGS too: new sessions start with them, whatever passes startup settings on."""
     steps = schema_steps()
     async with database.transaction():
         # An upgrade of a large table may take long, and so may waiting for another's.
@@ -1778,7 +1782,7 @@ async def apply_schema(database: Database, pooled: bool = False) -> None:
         await database.execute(
             "INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)}
         )
-        if pooled:
+        if role_settings:
             for statement in ROLE_SETTINGS:
                 await database.execute(statement)
 

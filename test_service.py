@@ -3972,17 +3972,36 @@ class TcpProxy:
         )
 
 
+def without_startup_settings(startup: bytes, names: tuple) -> bytes:
+    """A StartupMessage (length, protocol, then name and value pairs) without the named ones."""
+    length, protocol = struct.unpack("!ii", startup[:8])
+    fields = startup[8:length].split(b"\0")
+    pairs = zip(fields[0::2], fields[1::2], strict=False)
+    kept = b"".join(k + b"\0" + v + b"\0" for k, v in pairs if k and k.decode() not in names)
+    body = struct.pack("!i", protocol) + kept + b"\0"
+    return struct.pack("!i", len(body) + 4) + body + startup[length:]
+
+
 class OwnKeyProxy(TcpProxy):
     """One server session per client connection, as Neon's proxy keeps it, which also hands the
-    client a process id of its own (BackendKeyData) to route cancellations."""
+    client a process id of its own (BackendKeyData) to route cancellations, and (drops=True)
+    drops the startup settings it does not know, as Neon's does unless asked otherwise."""
+
+    def __init__(self, host: str, port: int, drops: bool = False):
+        super().__init__(host, port)
+        self.drops = drops
 
     async def pipe(self, client_reader, client_writer):
         server_reader, server_writer = await asyncio.open_connection(*self.target)
 
         async def copy(reader, writer, rewrite):
             pending = b""
+            first = True
             while data := await reader.read(65536):
                 pending += data
+                if not rewrite and first and self.drops:  # the client's StartupMessage
+                    pending = without_startup_settings(pending, tuple(service.SESSION_SETTINGS))
+                first = False
                 if not rewrite:
                     writer.write(pending)
                     pending = b""
@@ -4029,6 +4048,30 @@ async def test_a_proxy_that_keeps_a_session_per_connection_serves_once_declared(
         assert created.status_code == 201
         task_url = f"/api/tasks/{created.json()['data']['id']}"
         assert (await http.get(task_url, headers=auth())).status_code == 200
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+async def test_session_settings_that_a_proxy_drops_are_carried_by_the_role(
+    database, verifier, monkeypatch
+):
+    """statement_timeout and plan_cache_mode go as startup settings; Neon's proxy drops them.
+    The service finds them missing at start and has the role carry them, so every session it
+    then opens has them."""
+    admin = await asyncpg.connect(database.url)
+    await admin.execute("ALTER ROLE CURRENT_USER RESET statement_timeout")
+    await admin.execute("ALTER ROLE CURRENT_USER RESET plan_cache_mode")
+    await admin.close()
+    target = urlsplit(database.url)
+    proxy = OwnKeyProxy(target.hostname, target.port, drops=True)
+    await proxy.restore()
+    monkeypatch.setattr(service, "DATABASE_POOLED", False)
+    app = service.create_app(through(proxy, database.url), verifier)
+    async with app.router.lifespan_context(app):
+        settings = await app.state.database.fetch_one(
+            "SELECT current_setting('statement_timeout') AS statement_timeout,"
+            " current_setting('plan_cache_mode') AS plan_cache_mode"
+        )
+    assert dict(settings._mapping) == service.SESSION_SETTINGS
 
 
 def through(proxy: TcpProxy, url: str) -> str:
