@@ -6,9 +6,10 @@ the quick start, which this module never imports.
 How to read it. Sections 1 to 5 are the security core: they decide who the caller is, what is
 served without a token, and which rows a request can reach.
 
-1. Settings: read once, checked once (settings_problem) before anything is served.
+1. Settings: every setting, read once; settings_problem says which cannot be trusted.
 2. Authentication: the token policy, verification, the key set, the BearerAuth middleware.
-3. Routes and app: the whole surface; every /api route sits behind BearerAuth.
+3. Routes and app: the whole surface (every /api route sits behind BearerAuth), and `start`,
+   the one gate the lifespan runs before anything is served.
 4. SQL: every statement, whole. Each one on a user's data names the user
    (`user_id = :user_id`), so isolation between users is enforced by the query itself.
 5. Handlers: one per endpoint; the caller is request.user, which only BearerAuth sets.
