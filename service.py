@@ -78,7 +78,7 @@ JWT_ISSUER = config("JWT_ISSUER", default=BETTER_AUTH_URL)
 JWT_AUDIENCE = config("JWT_AUDIENCE", default=BETTER_AUTH_URL)
 # The frontends' origins: browsers let these pages call the API with the user's credentials.
 CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http://localhost:3000")
-# The most tasks one user may hold.
+# The most tasks one user may hold: at most SQL_INTEGER_MAX, what users.task_count holds.
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
 # postgresql://user:password@host/db?sslmode=require; section 8 reads it.
 DATABASE_URL = config("DATABASE_URL", default="")
@@ -98,6 +98,7 @@ PUBLISHED_SECRETS = {
 }
 # RFC 7518 3.2: an HS256 key is at least as long as the hash.
 MIN_SECRET_BYTES = 32
+SQL_INTEGER_MAX = 2**31 - 1
 NEW_SECRET = "make one with `openssl rand -base64 32`"
 
 
@@ -135,8 +136,8 @@ def settings_problem(database_url: str) -> str | None:
     # Browsers send credentials: "*" would let any web site act as the signed-in user.
     if "*" in CORS_ORIGINS:
         return "CORS_ORIGINS must name the frontend's origins, not '*'"
-    if MAX_TASKS_PER_USER < 1:
-        return "MAX_TASKS_PER_USER must be at least 1"
+    if not 1 <= MAX_TASKS_PER_USER <= SQL_INTEGER_MAX:
+        return f"MAX_TASKS_PER_USER must be from 1 to {SQL_INTEGER_MAX}"
     if not database_url:
         return "set DATABASE_URL, or run `python service.py` for a local PostgreSQL"
     return None
@@ -429,10 +430,16 @@ def bearer_token(headers: Headers) -> str:
     return token.strip()
 
 
+# A fair share: one user's requests in flight at once, in this process; more is a 429. Fewer
+# than the pool's connections (asyncpg's 10), so one user's slowest requests (a search, the
+# largest page, a slow reader) always leave connections and memory for everyone else.
+MAX_REQUESTS_PER_USER = 4
+
+
 class BearerAuth:
     """Route middleware on every /api route: the bearer token becomes scope["user"], a Caller,
     or a 401. On a path-scoped route the path's {user_id} must be the caller, else a 403,
-    before any database work."""
+    before any database work. A caller with MAX_REQUESTS_PER_USER in flight gets a 429."""
 
     def __init__(self, app: ASGIApp, path_scoped: bool) -> None:
         self.app = app
@@ -444,8 +451,17 @@ class BearerAuth:
         caller = await scope["app"].state.verifier.caller(token)
         if self.path_scoped and scope["path_params"]["user_id"] != caller.id:
             raise HTTPException(403, "Forbidden")
+        in_flight = scope["app"].state.in_flight
+        if in_flight[caller.id] >= MAX_REQUESTS_PER_USER:
+            raise HTTPException(429, "Too many requests", headers={"Retry-After": "1"})
         scope["user"] = caller
-        await self.app(scope, receive, send)
+        in_flight[caller.id] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            in_flight[caller.id] -= 1
+            if not in_flight[caller.id]:
+                del in_flight[caller.id]
 
 
 # === 3. Routes and app ===
@@ -486,7 +502,7 @@ def service_routes() -> list[Route]:
 
 # What a browser page on an allowed origin may send, and read, across origins.
 CORS_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-CORS_REQUEST_HEADERS = ["Authorization", "Content-Type"]
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "X-Request-ID"]
 CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
@@ -557,7 +573,11 @@ def create_app(
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
+    # Starlette would answer /api/tasks/ with a redirect to a URL built from the Host header.
+    app.router.redirect_slashes = False
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
+    # Requests in flight, by caller (BearerAuth).
+    app.state.in_flight = collections.Counter()
     # Read once: the document is data, served as it is.
     app.state.openapi = OPENAPI_PATH.read_bytes()
     return app
@@ -583,9 +603,7 @@ async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Datab
     async with open_database(url, target.tls, pooled, statement_cache, upgrade=True) as upgrade:
         # Before any schema change: a pooler that is refused gets none.
         await check_pooler(upgrade, pooled, statement_cache)
-        in_force = await upgrade.fetch_val(SESSION_SETTINGS_IN_FORCE, SESSION_SETTINGS)
-        await apply_schema(upgrade, role_settings=not in_force)
-    # Opened after apply_schema: its sessions start with the role's settings, if it has them.
+        await apply_schema(upgrade)
     database = open_database(url, target.tls, pooled, statement_cache)
     await database.connect()
     # Only now can a request have a caller: BearerAuth finds no verifier before.
@@ -1604,27 +1622,10 @@ def configure_logging() -> None:
 # === 8. Database set-up ===
 # PostgreSQL through `databases` on asyncpg.
 
-# A database that does not answer is a 503 within these bounds.
+# A database that does not answer is a 503 within these bounds. Past the command timeout,
+# asyncpg also asks the server to cancel the statement: no session setting is needed for it.
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5
-# asyncpg's, on the client; statement_timeout, on the server.
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
-# Every session's settings. A list is planned for its values: a generic plan cannot leave out
-# the filters that are off (`:x IS NULL OR ...`): a first page took 1.8 ms instead of 0.25.
-# Directly, they are startup settings; where they do not arrive, the role carries them.
-SESSION_SETTINGS = {
-    "statement_timeout": f"{DATABASE_COMMAND_TIMEOUT_SECONDS}s",
-    "plan_cache_mode": "force_custom_plan",
-}
-# Whether SESSION_SETTINGS reached the server: a pooler passes no startup setting on, and a
-# proxy may drop them too (Neon's does, unless asked otherwise).
-SESSION_SETTINGS_IN_FORCE = """
-    SELECT current_setting('statement_timeout') = :statement_timeout
-       AND current_setting('plan_cache_mode') = :plan_cache_mode
-"""
-ROLE_SETTINGS = [
-    f"ALTER ROLE CURRENT_USER SET statement_timeout = '{DATABASE_COMMAND_TIMEOUT_SECONDS}s'",
-    "ALTER ROLE CURRENT_USER SET plan_cache_mode = 'force_custom_plan'",
-]
 # The URL's options. `databases` hands asyncpg the URL's host (or host=), port, user, password
 # and database, and min_size, max_size and ssl=, which open_database's ssl= replaces; libpq's TLS
 # options (sslmode, sslrootcert) are read here. channel_binding is ignored: asyncpg has none,
@@ -1642,6 +1643,11 @@ SYSTEM_AUTHORITIES = "system"
 UNREADABLE_DATABASE_URL = (
     "DATABASE_URL cannot be read as a URL: percent-encode the special characters in its"
     " password (/ as %2F, # as %23, ? as %3F, @ as %40) and give the port as a number"
+)
+
+NO_SSLMODE = (
+    "DATABASE_URL names another machine without sslmode: add ?sslmode=require (TLS, verified),"
+    " or ?sslmode=disable on a private network (Render's internal URL, Fly's .internal)"
 )
 
 # What read_database_url finds: asyncpg's ssl=, the start-up log's words for it, and whether a
@@ -1697,9 +1703,10 @@ def read_database_url(url: str) -> DatabaseTarget:
     # ssl=False: the URL alone decides, not asyncpg's default (PGSSLMODE, else prefer).
     if sslmode == "disable":
         return DatabaseTarget(False, "not encrypted (sslmode=disable)", pooled)
-    if server.startswith("/") or is_loopback(server):
-        return DatabaseTarget(False, "not encrypted (this machine)", pooled)
-    return DatabaseTarget(False, "not encrypted (no sslmode: for a private network only)", pooled)
+    # Another machine is reached over TLS unless the URL asks for plaintext by name.
+    if not (server.startswith("/") or is_loopback(server)):
+        raise CannotServe(NO_SSLMODE)
+    return DatabaseTarget(False, "not encrypted (this machine)", pooled)
 
 
 async def no_reset(connection) -> None:
@@ -1723,8 +1730,6 @@ def open_database(url: str, tls, pooled, statement_cache: bool, upgrade=False) -
         options.update(command_timeout=None, min_size=1, max_size=1)
     if not statement_cache:
         options["statement_cache_size"] = 0
-    if not pooled:
-        options["server_settings"] = SESSION_SETTINGS
     return Database(url, **options)
 
 
@@ -1755,10 +1760,9 @@ def schema_steps() -> list[list[str]]:
     return steps
 
 
-async def apply_schema(database: Database, role_settings: bool = False) -> None:
+async def apply_schema(database: Database) -> None:
     """Runs the steps of schema.sql that the database has not had, in one transaction, under a
-    lock: instances that start together take turns. With role_settings, the role is given
-    SESSION_SETTINGS too: new sessions start with them, whatever passes startup settings on."""
+    lock: instances that start together take turns."""
     steps = schema_steps()
     async with database.transaction():
         # An upgrade of a large table may take long, and so may waiting for another's.
@@ -1783,9 +1787,6 @@ async def apply_schema(database: Database, role_settings: bool = False) -> None:
         await database.execute(
             "INSERT INTO schema_version (version) VALUES (:version)", {"version": len(steps)}
         )
-        if role_settings:
-            for statement in ROLE_SETTINGS:
-                await database.execute(statement)
 
 
 # The server's process id, and whether the server sees asyncpg's statement names
@@ -1801,10 +1802,14 @@ NO_PREPARED_STATEMENTS = (
     "the database's pooler does not keep prepared statements (PgBouncer before 1.21, or"
     " max_prepared_statements = 0): set DATABASE_STATEMENT_CACHE=false"
 )
+NOT_A_POOLER = (
+    "DATABASE_POOLED=false says it keeps one server session per connection (Neon's direct"
+    " host); if it is a pooler in transaction mode (PgBouncer), set DATABASE_POOLED=true"
+)
 UNDECLARED_INTERMEDIARY = (
     "something stands between the service and PostgreSQL: set DATABASE_POOLED=true for a pooler"
-    " in transaction mode (PgBouncer), or false for a proxy that keeps one server session per"
-    " connection"
+    " in transaction mode (PgBouncer: server sessions are shared between clients), or false for"
+    " a proxy that keeps one server session per connection (Neon's direct host)"
 )
 
 
@@ -1822,6 +1827,8 @@ async def check_pooler(database: Database, pooled: bool | None, statement_cache:
         return
     if pooled is None:
         raise CannotServe(UNDECLARED_INTERMEDIARY)
+    if not pooled:
+        log.warning("something stands between the service and PostgreSQL: %s", NOT_A_POOLER)
     if pooled and statement_cache and session["sees_our_statements"]:
         raise CannotServe(NO_PREPARED_STATEMENTS)
 
