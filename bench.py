@@ -692,7 +692,7 @@ def scale(database_url: str, rounds: int) -> dict:
     for size, users, per_user in (("1,000 tasks", 10, 100), ("1,000,000 tasks", 100, 10_000)):
         owned = asyncio.run(seed(database_url, users, per_user))
         user = next(iter(owned))
-        process, port = start_server("service:app", database_url)
+        process, port = start_server("service:app", database_url, pooled=False)
         try:
             asyncio.run(timed_requests(port, user, owned[user][0], 20))  # warm up
             results[size] = asyncio.run(
