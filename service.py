@@ -16,7 +16,7 @@ served without a token, and which rows a request can reach.
 
 The rest serves the core:
 
-6. Input: the body's fields and the list's query parameters, each a table of rules.
+6. Input: pydantic models of the body's fields and of the list's query parameters.
 7. Errors and logs: what a client sees of a failure, and what the logs keep of it.
 8. Database set-up: the URL's TLS policy, the connection, the schema, the pooler check.
 
