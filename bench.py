@@ -82,18 +82,17 @@ def positional(sql: str) -> tuple[str, list[str]]:
     return re.sub(r"(?<![:\w]):(\w+)", number, sql), names
 
 
-FLOOR_LIST = positional(
-    service.LIST_TASKS.format(order_by=service.LIST_ORDERS[("created_at", "desc")])
-)
+FLOOR_LIST = positional(service.parse_list_query(QueryParams("limit=50"))[0])
 FLOOR_SELECT = positional(service.SELECT_TASK)
 FLOOR_CREATE = positional(service.CREATE_TASK)
 FLOOR_CHANGE = positional(service.CHANGE_TASK)
 FLOOR_DELETE = positional(service.DELETE_TASK)
 FLOOR_ROUTE = re.compile(r"^/api/([^/]+)/tasks(?:/([^/]+))?(/toggle)?$")
-NO_FILTER = dict.fromkeys(
-    ("completed", "pattern", "priorities", "tag_keys", "due_before", "due_after", "overdue")
-)
-NO_FILTER |= {"reminder_due": None, "filtered": False}
+# A new task's columns but its title, as the service's create stores them.
+NEW_TASK_DEFAULTS = {
+    **dict.fromkeys(("description", "due_date", "due_at", "remind_at", "recurrence")),
+    **{"completed": False, "priority": 2, "tags": "[]", "tag_keys": []},
+}
 
 
 async def floor(scope, receive, send):
@@ -150,12 +149,10 @@ async def floor_handle(scope, body: bytes):
         service.utc_now(),
     )
     if task_id is None and method == "GET":
-        rows = await floor_fetch(
-            FLOOR_LIST, **NO_FILTER, user_id=user_id, now=now, limit=50, offset=0
-        )
+        rows = await floor_fetch(FLOOR_LIST, user_id=user_id, limit=50, offset=0)
         return 200, [floor_json(row) for row in rows if row["id"] is not None]
     if task_id is None:
-        values = {**service.NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip()}
+        values = {**NEW_TASK_DEFAULTS, "title": json.loads(body)["title"].strip()}
         values |= {
             "id": str(uuid.uuid4()),
             "user_id": user_id,
@@ -692,7 +689,7 @@ def scale(database_url: str, rounds: int) -> dict:
     for size, users, per_user in (("1,000 tasks", 10, 100), ("1,000,000 tasks", 100, 10_000)):
         owned = asyncio.run(seed(database_url, users, per_user))
         user = next(iter(owned))
-        process, port = start_server("service:app", database_url)
+        process, port = start_server("service:app", database_url, pooled=False)
         try:
             asyncio.run(timed_requests(port, user, owned[user][0], 20))  # warm up
             results[size] = asyncio.run(
