@@ -3455,12 +3455,17 @@ def test_auth_settings_derive_from_better_auth_url(tmp_path, settings, expected)
             "True",
         ),
         (
-            {"DATABASE_URL": "postgresql://u:p@ep-cool-name-123456.eu-central-1.aws.neon.tech/db?sslmode=require"},
+            {
+                "DATABASE_URL": "postgresql://u:p@ep-cool-name-123456.eu-central-1.aws.neon.tech/db?sslmode=require"
+            },
             "False",
         ),
         ({"DATABASE_URL": "postgresql://u:p@127.0.0.1:6432/db", "DATABASE_POOLED": "true"}, "True"),
         (
-            {"DATABASE_URL": "postgresql://u:p@x-pooler.example/db?sslmode=disable", "DATABASE_POOLED": "false"},
+            {
+                "DATABASE_URL": "postgresql://u:p@x-pooler.example/db?sslmode=disable",
+                "DATABASE_POOLED": "false",
+            },
             "False",
         ),
         ({"DATABASE_URL": "postgresql://u:p@pgbouncer.internal:6432/db?sslmode=disable"}, "None"),
@@ -3707,7 +3712,10 @@ def test_a_database_that_refuses_the_password_stops_the_service_in_one_line(
 @pytest.mark.parametrize(
     "url, mode",
     [
-        ("postgresql://u:pw@db.internal:5432/tasks?sslmode=disable", "not encrypted (sslmode=disable)"),
+        (
+            "postgresql://u:pw@db.internal:5432/tasks?sslmode=disable",
+            "not encrypted (sslmode=disable)",
+        ),
         ("postgresql://postgres:@/postgres?host=/tmp/pg", "not encrypted (this machine)"),
         ("postgresql://u:pw@[::1]/tasks", "not encrypted (this machine)"),
     ],
@@ -4108,7 +4116,9 @@ class OwnKeyProxy(TcpProxy):
             while data := await reader.read(65536):
                 pending += data
                 if not rewrite and first and self.drops:  # the client's StartupMessage
-                    pending = without_startup_settings(pending, ("statement_timeout", "plan_cache_mode"))
+                    pending = without_startup_settings(
+                        pending, ("statement_timeout", "plan_cache_mode")
+                    )
                 first = False
                 if not rewrite:
                     writer.write(pending)
@@ -4941,7 +4951,7 @@ async def test_one_users_worst_requests_leave_another_user_answered_within_a_sec
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    big = "\U0001F600"
+    big = "\U0001f600"
     mallory = f"mallory-{uuid.uuid4().hex}"
     bob = f"bob-{uuid.uuid4().hex}"
     admin = await asyncpg.connect(postgres_url)
