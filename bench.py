@@ -3,6 +3,7 @@
     python bench.py                      # mixed workload: service, then floor; a table and the ratios
     python bench.py --json               # the same, as JSON
     python bench.py --scale              # first-page list and get on 1,000 vs 1,000,000 tasks, and EXPLAIN
+    python bench.py --slow-readers 100   # memory while 100 connections leave the largest page unread
 
 PostgreSQL is started the way the test suite starts it, or taken from BENCH_DATABASE_URL (its tasks
 and users tables are emptied). The service runs as a real one-worker `uvicorn service:app` process.
@@ -709,6 +710,70 @@ def scale(database_url: str, rounds: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Slow readers: connections that ask for the largest page and never read it
+
+
+async def seed_largest(url: str, users: int) -> list[str]:
+    """users users, each with a page of the largest tasks (every text field at its bound, in
+    4-byte characters): the users' ids."""
+    owned = await seed(url, users, service.ListQuery().limit, prefix="reader")
+    big = "\U0001f600"
+    tags = [f"{i:02d}" + big * 38 for i in range(20)]
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            "UPDATE tasks SET title = $1, description = $2, tags = $3, tag_keys = $4",
+            big * 200,
+            big * 1000,
+            json.dumps(tags, ensure_ascii=False),
+            tags,
+        )
+    finally:
+        await connection.close()
+    return list(owned)
+
+
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def slow_readers(database_url: str, readers: int) -> dict:
+    """The process's memory before, while `readers` connections (one user each) hold their
+    answer to the largest page unread, and after they close."""
+    users = asyncio.run(seed_largest(database_url, readers))
+    process, port = start_server("service:app", database_url, pooled=False)
+    try:
+        path = f"/api/tasks?limit={service.ListQuery().limit}"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            page = http.get(path, headers={"Authorization": f"Bearer {token(users[0])}"})
+        before = rss_mib(process.pid)
+        held = []
+        for user in users:
+            sock = socket.socket()
+            # The least the kernel allows: the answer stays in the service's buffers.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request_bytes("GET", path, token(user)))
+            held.append(sock)
+        time.sleep(10)
+        holding = rss_mib(process.pid)
+        for sock in held:
+            sock.close()
+        time.sleep(5)
+        after = rss_mib(process.pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+    return {
+        "readers": readers,
+        "page_bytes": len(page.content),
+        "rss_mib": {"before": before, "holding": holding, "after": after},
+        "growth_per_reader_mib": round((holding - before) / readers, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def main():
@@ -739,6 +804,13 @@ def main():
         metavar="MS",
         help="put a proxy adding MS each way before the database",
     )
+    parser.add_argument(
+        "--slow-readers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N connections ask for the largest page and never read: the process's memory",
+    )
     args = parser.parse_args()
 
     stops = []
@@ -750,6 +822,9 @@ def main():
         database_url, stop = start_postgres()
         stops.append(stop)
     try:
+        if args.slow_readers:
+            print(json.dumps(slow_readers(database_url, args.slow_readers), indent=2))
+            return
         if args.scale:
             results = scale(database_url, args.rounds)
             if args.json:
