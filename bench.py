@@ -17,6 +17,7 @@ keep-alive sockets. With --db-latency MS a proxy adds MS each way and counts rou
 
 import argparse
 import asyncio
+import collections
 import json
 import logging
 import multiprocessing
@@ -758,6 +759,8 @@ def slow_readers(database_url: str, readers: int) -> dict:
             held.append(sock)
         time.sleep(10)
         holding = rss_mib(process.pid)
+        # Each answer's status line, read only now.
+        statuses = collections.Counter(sock.recv(12)[9:12].decode() for sock in held)
         for sock in held:
             sock.close()
         time.sleep(5)
@@ -768,6 +771,7 @@ def slow_readers(database_url: str, readers: int) -> dict:
     return {
         "readers": readers,
         "page_bytes": len(page.content),
+        "statuses": statuses,
         "rss_mib": {"before": before, "holding": holding, "after": after},
         "growth_per_reader_mib": round((holding - before) / readers, 2),
     }
