@@ -249,10 +249,8 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
     return claims
 
 
-# The key set. One this old is not used: the request waits for a new one.
+# The key set is fetched again when a kid is unknown or once it is this old; the request waits.
 JWKS_MAX_AGE_SECONDS = 300
-# A key set in use is fetched again, in the background, once this old.
-JWKS_REFRESH_SECONDS = 240
 # The least time between two fetches (for unknown kids, and after a failed fetch).
 JWKS_REFETCH_SECONDS = 30
 # For all of one fetch: connect, send, every read.
@@ -304,12 +302,9 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
 
 
 class KeySet:
-    """Better Auth's public keys, by kid.
-
-    Fetched for an unknown kid (a key rotation), and again in the background once
-    JWKS_REFRESH_SECONDS old; never used once JWKS_MAX_AGE_SECONDS old. At most one fetch per
-    JWKS_REFETCH_SECONDS. A failed or empty fetch keeps the keys there are.
-    """
+    """Better Auth's public keys, by kid, from one clock: fetched when a kid is unknown or the
+    set is JWKS_MAX_AGE_SECONDS old, at most once per JWKS_REFETCH_SECONDS, and never used past
+    that age. A failed or empty fetch keeps the keys there are."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -320,7 +315,6 @@ class KeySet:
         self.fetched_at = float("-inf")
         # Concurrent callers wait for one fetch, not one each.
         self.lock = asyncio.Lock()
-        self.refreshing = None
         self.clock = time.monotonic
 
     def age(self) -> float:
@@ -329,16 +323,10 @@ class KeySet:
     async def key(self, kid: str) -> jwt.PyJWK | None:
         if kid not in self.keys or self.age() >= JWKS_MAX_AGE_SECONDS:
             await self.refetch_unless_recent()
-        elif self.age() >= JWKS_REFRESH_SECONDS and self.refreshing is None:
-            self.refreshing = asyncio.create_task(self.refetch_unless_recent())
-            self.refreshing.add_done_callback(self.refreshed)
         if self.age() >= JWKS_MAX_AGE_SECONDS:
             # Too old to trust, and no newer set could be had.
             return None
         return self.keys.get(kid)
-
-    def refreshed(self, task: asyncio.Task) -> None:
-        self.refreshing = None
 
     async def refetch_unless_recent(self) -> None:
         async with self.lock:
@@ -353,8 +341,7 @@ class KeySet:
 
     async def fetch_usable_keys(self) -> dict[str, jwt.PyJWK]:
         """The fetched keys, or none: whatever the answer (unreachable, slow, not a 200, not
-        JSON, nested past Python's recursion limit), never an exception out of a request or
-        out of the background refresh."""
+        JSON, nested past Python's recursion limit), never an exception out of a request."""
         try:
             keys = usable_keys(await fetch_jwks(self.url))
         except Exception as exc:
