@@ -506,21 +506,6 @@ CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "X-Request-ID"]
 CORS_EXPOSED_HEADERS = ["Location", "X-Total-Count"]
 
 
-class CORS(CORSMiddleware):
-    """Starlette's, for an allowed origin. A request from any other origin gets no CORS header
-    at all (Starlette's adds some, and answers its preflight with a text/plain 400): the app
-    answers it as it would without an Origin."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = None
-        if scope["type"] == "http":
-            origin = Headers(scope=scope).get("origin")
-        if origin is not None and self.is_allowed_origin(origin):
-            await super().__call__(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
 def create_app(
     database_url: str | None = None,
     verifier: TokenVerifier | None = None,
@@ -543,7 +528,7 @@ def create_app(
 
     # Credentials (fetch's `credentials: "include"`) for the named origins only, never "*".
     cors = Middleware(
-        CORS,
+        CORSMiddleware,
         allow_origins=list(CORS_ORIGINS),
         allow_credentials=True,
         allow_methods=CORS_METHODS,
@@ -1271,15 +1256,7 @@ def logged_ids(scope: Scope) -> str:
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    headers = exc.headers
-    # Starlette's Allow names only the first route on the path; here each method has its own.
-    if exc.status_code == 405:
-        allowed = set()
-        for route in request.app.routes:
-            if route.path_regex.fullmatch(request.url.path):
-                allowed.update(route.methods)
-        headers = {"Allow": ", ".join(sorted(allowed))}
-    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
+    return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
 
 
 async def client_left(request: Request, exc: ClientDisconnect) -> Response:
