@@ -216,8 +216,7 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
             token,
             key,
             algorithms=algorithms,
-            # None skips PyJWT's iss check. Its aud check refuses a token that carries an aud
-            # unless an audience is given, hence verify_aud off for ANY.
+            # docs/review.md: how PyJWT reads issuer=None and verify_aud.
             issuer=None if issuer == ANY else issuer,
             audience=None if audience == ANY else audience,
             leeway=CLOCK_SKEW_LEEWAY,
@@ -270,8 +269,7 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
         return {}
     keys = {}
     for data in jwks.get("keys", []):
-        # PyJWK raises what it likes for a key it cannot use (NotImplementedError for an alg
-        # it lacks): that key is skipped, the others stay usable.
+        # A key PyJWK cannot use (it raises what it likes) is skipped; the others stay usable.
         try:
             key = jwt.PyJWK(data)
         except Exception:
@@ -528,10 +526,8 @@ def create_app(
     }
     app = Starlette(
         routes=service_routes(),
-        # Starlette's ServerErrorMiddleware, innermost: any other exception becomes the bare 500
-        # inside RequestLog and CORS, which log it and add their headers as to any answer. It
-        # re-raises for uvicorn's log (without the text: configure_logging); Starlette's own
-        # outermost one then finds the answer sent, and does nothing more.
+        # ServerErrorMiddleware innermost: an unexpected exception becomes the bare 500 inside
+        # RequestLog and CORS, which log it and add their headers (docs/review.md).
         middleware=[
             Middleware(RequestLog),
             cors,
@@ -879,6 +875,54 @@ async def change_locked_task(request, task_id, fields, flip, now, completing):
     return row
 
 
+# The columns that decide whether a task recurs, and when.
+RECURRENCE_COLUMNS = ("due_date", "due_at", "remind_at", "recurrence")
+
+
+def recurs_without_due_date(task: dict) -> bool:
+    """The rule for a task's columns (schema.sql's CHECK recurring_task_needs_due_date is its
+    backstop): a recurring task needs a due date."""
+    return task["recurrence"] is not None and task["due_date"] is None
+
+
+def might_recur_without_due_date(changes: dict) -> bool:
+    """A change that sets a recurrence without a due date, or clears the due date: only the
+    task's row can tell whether it leaves a recurring task without one."""
+    sets_recurrence = changes.get("recurrence") is not None and changes.get("due_date") is None
+    clears_due_date = "due_date" in changes and changes["due_date"] is None
+    return sets_recurrence or clears_due_date
+
+
+def next_occurrence(task: dict) -> dict | None:
+    """The successor's dates: due a period on, remind_at moved as much. None past 9999-12-31."""
+    due = datetime.fromisoformat(task["due_at"])
+    try:
+        next_due = one_period_on(due, task["recurrence"])
+        remind_at = None
+        if task["remind_at"] is not None:
+            reminder = datetime.fromisoformat(task["remind_at"]) + (next_due - due)
+            remind_at = stamp(reminder)
+    # The year 10000.
+    except (ValueError, OverflowError):
+        return None
+    due_at = stamp(next_due)
+    # A date-only due date stays a date (its first 10 characters).
+    due_date = due_at[: len(task["due_date"])]
+    return {"due_date": due_date, "due_at": due_at, "remind_at": remind_at}
+
+
+def one_period_on(due: datetime, recurrence: str) -> datetime:
+    """A day or a week on; a month on is the same day next month, or that month's last day."""
+    if recurrence == "daily":
+        return due + timedelta(days=1)
+    if recurrence == "weekly":
+        return due + timedelta(days=7)
+    year = due.year + due.month // 12
+    month = due.month % 12 + 1
+    last_day = calendar.monthrange(year, month)[1]
+    return due.replace(year=year, month=month, day=min(due.day, last_day))
+
+
 async def delete_task(request: Request, envelope: bool) -> Response:
     values = {"id": task_id_or_404(request), "user_id": request.user.id}
     deleted = await request.app.state.database.fetch_one(DELETE_TASK, values)
@@ -1060,24 +1104,6 @@ def instant(moment: date | None, date_means: str) -> str | None:
     return moment.isoformat() + "T00:00:00.000000Z"
 
 
-# The columns that decide whether a task recurs, and when.
-RECURRENCE_COLUMNS = ("due_date", "due_at", "remind_at", "recurrence")
-
-
-def recurs_without_due_date(task: dict) -> bool:
-    """The rule for a task's columns (schema.sql's CHECK recurring_task_needs_due_date is its
-    backstop): a recurring task needs a due date."""
-    return task["recurrence"] is not None and task["due_date"] is None
-
-
-def might_recur_without_due_date(changes: dict) -> bool:
-    """A change that sets a recurrence without a due date, or clears the due date: only the
-    task's row can tell whether it leaves a recurring task without one."""
-    sets_recurrence = changes.get("recurrence") is not None and changes.get("due_date") is None
-    clears_due_date = "due_date" in changes and changes["due_date"] is None
-    return sets_recurrence or clears_due_date
-
-
 def stamp(moment: datetime) -> str:
     """The one timestamp format stored and served: UTC, microseconds, Z (see schema.sql)."""
     return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
@@ -1085,36 +1111,6 @@ def stamp(moment: datetime) -> str:
 
 def utc_now() -> str:
     return stamp(datetime.now(UTC))
-
-
-def next_occurrence(task: dict) -> dict | None:
-    """The successor's dates: due a period on, remind_at moved as much. None past 9999-12-31."""
-    due = datetime.fromisoformat(task["due_at"])
-    try:
-        next_due = one_period_on(due, task["recurrence"])
-        remind_at = None
-        if task["remind_at"] is not None:
-            reminder = datetime.fromisoformat(task["remind_at"]) + (next_due - due)
-            remind_at = stamp(reminder)
-    # The year 10000.
-    except (ValueError, OverflowError):
-        return None
-    due_at = stamp(next_due)
-    # A date-only due date stays a date (its first 10 characters).
-    due_date = due_at[: len(task["due_date"])]
-    return {"due_date": due_date, "due_at": due_at, "remind_at": remind_at}
-
-
-def one_period_on(due: datetime, recurrence: str) -> datetime:
-    """A day or a week on; a month on is the same day next month, or that month's last day."""
-    if recurrence == "daily":
-        return due + timedelta(days=1)
-    if recurrence == "weekly":
-        return due + timedelta(days=7)
-    year = due.year + due.month // 12
-    month = due.month % 12 + 1
-    last_day = calendar.monthrange(year, month)[1]
-    return due.replace(year=year, month=month, day=min(due.day, last_day))
 
 
 def task_id_or_404(request: Request) -> str:
@@ -1392,11 +1388,9 @@ def configure_logging() -> None:
 # asyncpg also asks the server to cancel the statement: no session setting is needed for it.
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
-# The URL's options. `databases` hands asyncpg the URL's host (or host=), port, user, password
-# and database, and min_size, max_size and ssl=, which open_database's ssl= replaces; libpq's TLS
-# options (sslmode, sslrootcert) are read here. channel_binding is ignored: asyncpg has none,
-# and the verified certificate is the protection it stands for. Anything else is refused: a
-# misspelled sslmode must not be a connection in the clear.
+# The URL's options: `databases` reads host, min_size and max_size (docs/review.md); the TLS
+# options are read here (channel_binding: asyncpg has none, and the verified certificate is what
+# it stands for). Anything else is refused: a misspelled sslmode must not be plaintext.
 URL_OPTIONS = {"sslmode", "sslrootcert", "channel_binding", "host", "min_size", "max_size"}
 # libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
 # host name here, before the password is sent: stricter than libpq's require, on purpose.
@@ -1555,10 +1549,8 @@ async def apply_schema(database: Database) -> None:
         )
 
 
-# The server's process id, and whether the server sees asyncpg's statement names
-# (__asyncpg_stmt_N__): PgBouncer 1.21+ gives them names of its own; an older one, or one with
-# max_prepared_statements = 0, passes ours on, so another client's statement of the same name
-# could run in place of ours. In one transaction, so on one server connection.
+# The server's process id, and whether it sees asyncpg's statement names: a pooler that passes
+# them on could run another client's statement of the same name in place of ours.
 SERVER_SESSION = """
     SELECT pg_backend_pid() AS pid, EXISTS (
         SELECT FROM pg_prepared_statements WHERE starts_with(name, '__asyncpg_')
@@ -1580,11 +1572,9 @@ UNDECLARED_INTERMEDIARY = (
 
 
 async def check_pooler(database: Database, pooled: bool | None, statement_cache: bool) -> None:
-    """Refuses a pooler that would run the wrong statements, whatever its host is called.
-    Something stands between us and PostgreSQL when the server's process id is not the one
-    asyncpg was given at connection: a pooler (PgBouncer's is random) or a proxy (Neon's) hands
-    out its own. From here the two cannot be told apart for certain, so unless DATABASE_POOLED
-    says which, the service does not start."""
+    """Refuses a pooler that would run the wrong statements, whatever its host is called. A
+    pooler or a proxy hands out a process id of its own; from here the two cannot be told apart
+    for certain, so unless DATABASE_POOLED says which, the service does not start."""
     async with database.connection() as connection:
         async with connection.transaction():
             session = await connection.fetch_one(SERVER_SESSION)
