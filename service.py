@@ -77,7 +77,7 @@ log = logging.getLogger("service")
 
 
 # === 1. Settings ===
-# Read once, from the environment or a .env file (a deploy has none: only one that exists is read).
+# Read once, from the environment, or a .env file if there is one.
 config = Config(".env" if Path(".env").is_file() else None)
 
 # HS256 tokens are signed with this secret, which Better Auth shares.
@@ -95,13 +95,11 @@ CORS_ORIGINS = config("CORS_ORIGINS", cast=CommaSeparatedStrings, default="http:
 MAX_TASKS_PER_USER = config("MAX_TASKS_PER_USER", cast=int, default=10_000)
 # postgresql://user:password@host/db?sslmode=require; section 8 reads it.
 DATABASE_URL = config("DATABASE_URL", default="")
-# true: PgBouncer in transaction mode; false: one server session per connection (directly, or
-# through a proxy such as Neon's direct host). Unset: known only for Neon's hosts ("-pooler" in
-# the pooled one's name; read_database_url); elsewhere check_pooler asks for it when it finds
-# something between the service and PostgreSQL.
+# true: PgBouncer in transaction mode; false: a session per connection (directly, or through a
+# proxy such as Neon's direct host). Unset: check_pooler asks for it where it is needed.
 DATABASE_POOLED = config("DATABASE_POOLED", cast=bool, default=None)
-# asyncpg's prepared statements: one round trip per statement. Off only behind a pooler that
-# cannot keep them (PgBouncer before 1.21); each statement then takes two.
+# asyncpg's prepared statements. Off only behind a pooler that cannot keep them (PgBouncer
+# before 1.21); each statement then takes two round trips.
 DATABASE_STATEMENT_CACHE = config("DATABASE_STATEMENT_CACHE", cast=bool, default=True)
 
 # Secrets this repository has published as examples (.env.example, now and before).
@@ -210,7 +208,7 @@ def usable_email(claims: dict) -> str | None:
 
 
 def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> dict:
-    """The claims, if the signature, exp, nbf and (unless ANY) iss and aud hold; else a 401."""
+    """The claims, if the signature, exp, nbf, iss and aud (unless ANY) hold; else a 401."""
     try:
         claims = jwt.decode(
             token,
@@ -229,7 +227,7 @@ def decode(token: str, key, algorithms: list[str], issuer=ANY, audience=ANY) -> 
     return claims
 
 
-# The key set is fetched again when a kid is unknown or once it is this old; the request waits.
+# A key set this old is fetched again, by the request that finds it so.
 JWKS_MAX_AGE_SECONDS = 300
 # The least time between two fetches (for unknown kids, and after a failed fetch).
 JWKS_REFETCH_SECONDS = 30
@@ -281,9 +279,8 @@ def usable_keys(jwks) -> dict[str, jwt.PyJWK]:
 
 
 class KeySet:
-    """Better Auth's public keys, by kid, from one clock: fetched when a kid is unknown or the
-    set is JWKS_MAX_AGE_SECONDS old, at most once per JWKS_REFETCH_SECONDS, and never used past
-    that age. A failed or empty fetch keeps the keys there are."""
+    """Better Auth's public keys, by kid. Fetched for an unknown kid or at the maximum age, at
+    most once per JWKS_REFETCH_SECONDS; never used past that age. A failed fetch keeps them."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -346,7 +343,7 @@ Caller = collections.namedtuple("Caller", ["id", "email"])
 
 
 class TokenVerifier:
-    """Turns a bearer token into its Caller under the token policy above, or raises the 401."""
+    """A bearer token's Caller, under the token policy above; or the 401."""
 
     def __init__(self, secret="", jwks_url="", issuer="", audience="") -> None:
         self.secret = secret
@@ -370,7 +367,7 @@ class TokenVerifier:
                 return caller
         claims = await self.verify(token)
         caller = Caller(claims["sub"], usable_email(claims))
-        # What PyJWT took for a time: a number, or the text of one; perhaps past float's range.
+        # PyJWT took int() of it: a number, or its text, perhaps past float's range.
         self.remember(digest, int(claims["exp"]), caller, now)
         return caller
 
@@ -427,7 +424,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = bearer_token(Headers(scope=scope))
-        # The lifespan sets the verifier once the settings have passed: no start-up, no caller.
+        # Set by start(), once the settings have passed: no start, no caller.
         caller = await scope["app"].state.verifier.caller(token)
         if self.path_scoped and scope["path_params"]["user_id"] != caller.id:
             raise HTTPException(403, "Forbidden")
@@ -445,13 +442,13 @@ class BearerAuth:
 
 
 # === 3. Routes and app ===
-# The route table is the whole surface of the service. /health and /openapi.json are the only
-# routes without a token; every /api route is made by task_routes, behind BearerAuth.
+# The whole surface: /health and /openapi.json need no token; every /api route is behind
+# BearerAuth (task_routes).
 
 
 def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
-    """One family of task routes, every one behind BearerAuth. Path-scoped routes
-    (/api/{user_id}/...) answer bare bodies; token-scoped ones (/api/tasks...) {"data": ...}."""
+    """One family of task routes. Path-scoped ones answer bare bodies; token-scoped ones
+    {"data": ...}."""
     auth = [Middleware(BearerAuth, path_scoped=path_scoped)]
 
     def route(path: str, handler, methods: list[str]) -> Route:
@@ -470,8 +467,7 @@ def task_routes(prefix: str, path_scoped: bool) -> list[Route]:
 
 
 def service_routes() -> list[Route]:
-    # Starlette serves a request with the first route whose path matches. Token-scoped routes
-    # come first: "/api/tasks/{task_id}" would otherwise be the task list of a user "tasks".
+    # The first route that matches serves: "/api/tasks/{task_id}" must not be user "tasks"'s list.
     return [
         Route("/health", health, methods=["GET"]),
         Route("/openapi.json", openapi_document, methods=["GET"]),
@@ -492,8 +488,7 @@ def create_app(
     pooled: bool | None = None,
     statement_cache: bool | None = None,
 ) -> Starlette:
-    """The app on the settings; a test may give its own database and verifier. Either way, its
-    lifespan starts it (start) and says in one line why it cannot."""
+    """The app on the settings (a test may give its own); its lifespan runs start()."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
@@ -536,7 +531,7 @@ def create_app(
         exception_handlers=exception_handlers,
         lifespan=lifespan,
     )
-    # Starlette would answer /api/tasks/ with a redirect to a URL built from the Host header.
+    # Starlette's redirect of /api/tasks/ builds its URL from the Host header.
     app.router.redirect_slashes = False
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
     # Requests in flight, by caller (BearerAuth).
@@ -577,12 +572,9 @@ async def start(app: Starlette, url, verifier, pooled, statement_cache) -> Datab
 
 # === 4. SQL ===
 # Every statement, whole. Each one on a user's data names the user: `user_id = :user_id` on
-# tasks, `id = :user_id` on users (test_every_statement_on_a_users_data_names_the_user checks
-# them all). :user_id is always request.user.id, the caller that BearerAuth set. Values are
-# bound as parameters, never written into the text.
-#
-# Statements return whole rows; task_json names the fields a client sees. Timestamps are text
-# in one format (see stamp), so text order is time order.
+# tasks, `id = :user_id` on users. :user_id is always request.user.id, the caller BearerAuth
+# set. Values are bound as parameters, never written into the text. Timestamps are text in one
+# format (stamp), so text order is time order.
 
 # get_task: :id is the path's task id.
 SELECT_TASK = """
@@ -590,10 +582,9 @@ SELECT_TASK = """
     WHERE id = :id AND user_id = :user_id
 """
 
-# Create, and a recurring task's successor (insert_task). The user's row is made with their
-# first task. task_count goes up in the same statement as the insert, and only while it is
-# under :max_tasks; concurrent creates queue on the user's row, so the cap is exact. At the cap
-# no row comes back, and nothing is written.
+# Create, and a successor (insert_task). The user's row comes with their first task.
+# task_count goes up only while under :max_tasks, and concurrent creates queue on the user's
+# row, so the cap is exact. At the cap no row comes back, and nothing is written.
 CREATE_TASK = """
     WITH counted AS (
         INSERT INTO users (id, email, created_at, task_count)
@@ -615,14 +606,11 @@ CREATE_TASK = """
 """
 
 # PUT, PATCH, /complete and /toggle (run_change).
-# - :changes is a JSON object of the columns the request sets (null clears one).
-#   jsonb_populate_record lays it over the task's row: in the sub-SELECT an unqualified column
-#   is `changed`'s, the request's value where it gave one and the row's otherwise. The SET list
-#   names the only columns a change can touch: never id, user_id or created_at.
+# - :changes, the columns the request sets, laid over the row (an unqualified column in the
+#   sub-SELECT is `changed`'s). The SET list is all a change can touch: never id or user_id.
 # - :flip turns completed over (/complete or /toggle without a body).
-# - :completing declines (no row) a change that might complete a task that recurs and has no
-#   successor yet: change_task then decides in Python, on the locked row, and comes back here
-#   with :completing false and the successor's id in :next_occurrence_id.
+# - :completing declines (no row) what might complete a recurring task without a successor:
+#   change_task decides on the locked row, then comes back with the successor's id.
 CHANGE_TASK = """
     UPDATE tasks SET
         (title, description, completed, priority, tags, tag_keys,
@@ -653,8 +641,7 @@ LOCK_TASK = """
     FOR UPDATE
 """
 
-# The user's task_count goes down in the same statement: PostgreSQL runs a WITH clause that
-# changes data whether or not the query reads it.
+# task_count goes down in the same statement (a data-changing WITH runs even if unread).
 DELETE_TASK = """
     WITH deleted AS (
         DELETE FROM tasks
@@ -667,10 +654,9 @@ DELETE_TASK = """
     SELECT id FROM deleted
 """
 
-# A list: parse_list_query joins the filters given to LIST_TASKS' WHERE, after the user, so
-# PostgreSQL plans each shape for what it is. Each filter is fixed text that begins AND, its
-# ORs in parentheses, so none can widen the list beyond the user's tasks. The search is strpos,
-# literal by nature: LIKE's matcher took up to 12 s on 10,000 large tasks, strpos 1.6 s.
+# A list: the filters given join LIST_TASKS' WHERE after the user. Each is fixed text that
+# begins AND, its ORs in parentheses, so none can widen the list beyond the user's tasks. The
+# search is strpos, literal by nature and cheaper than LIKE on multibyte text.
 LIST_FILTERS = {
     "completed": "AND completed = :completed",
     "status": "AND completed = :status",
@@ -689,11 +675,8 @@ LIST_TOTALS = {
     False: "SELECT task_count FROM users WHERE id = :user_id",
     True: "SELECT count(*) FROM matching",
 }
-# - The total comes beside the page, so a page past the end still has it: `FROM (SELECT) LEFT
-#   JOIN page` is one row, NULL but for total_count, when the page is empty.
-# - NOT MATERIALIZED: the count and the page are each planned on their own.
-# - {order_by} is one of LIST_ORDERS, fixed text; ties are broken by id, so that paging never
-#   repeats or skips a task.
+# The total comes beside the page: a page past the end is one row, NULL but for total_count.
+# {order_by} is one of LIST_ORDERS; ties are broken by id, so paging never repeats a task.
 LIST_TASKS = """
     WITH matching AS NOT MATERIALIZED (
         SELECT * FROM tasks
@@ -725,8 +708,8 @@ LIST_ORDERS = {
 
 
 # === 5. Handlers ===
-# One per endpoint. The caller is request.user, which BearerAuth set; a handler never reads the
-# token. `envelope` is True on token-scoped routes: the body is then {"data": ...}.
+# One per endpoint. The caller is request.user, set by BearerAuth. `envelope`: token-scoped
+# routes answer {"data": ...}.
 
 # The same bytes for a missing task and another user's: neither says which it was.
 TASK_NOT_FOUND = "Task not found"
@@ -742,7 +725,7 @@ TASK_JSON_FIELDS = [
 
 
 def task_json(row) -> dict:
-    # asyncpg's own record: `databases`' wrapper would look up every column in Python.
+    # asyncpg's own record: faster than `databases`' wrapper.
     record = row._mapping
     task = {name: record[name] for name in TASK_JSON_FIELDS}
     task["priority"] = PRIORITY_NAMES[record["priority"]]
@@ -815,10 +798,8 @@ async def complete_task(request: Request, envelope: bool) -> Response:
 
 
 async def change_task(request: Request, task_id: str, fields: dict, flip: bool) -> dict:
-    """One statement, CHANGE_TASK. Where it declines (a recurring task's completion) or finds no
-    row, and for a change that might leave a recurring task without a due date (decided before
-    any statement, so schema.sql's CHECK never puts the row in the server's log), the locked
-    path: a transaction, which `databases` runs on the one connection of this request's task."""
+    """One statement, CHANGE_TASK; where it declines or finds no row, or where the change might
+    leave a recurring task without a due date (so no CHECK error logs the row), the locked path."""
     now = utc_now()
     # The change would leave the task completed: a flip, or "completed": true.
     completing = flip or fields.get("completed") is True
@@ -832,7 +813,7 @@ async def change_task(request: Request, task_id: str, fields: dict, flip: bool) 
 
 
 async def run_change(request, task_id, fields, flip, now, completing, next_occurrence_id=None):
-    """CHANGE_TASK on the caller's task: the changed row, or None (no such task, or declined)."""
+    """CHANGE_TASK on the caller's task: the changed row, or None."""
     values = {
         "id": task_id,
         "user_id": request.user.id,
@@ -863,9 +844,7 @@ async def change_locked_task(request, task_id, fields, flip, now, completing):
     newly_completed = completing and not old["completed"]
     if newly_completed and new["recurrence"] and not old["next_occurrence_id"]:
         successor = next_occurrence(new)
-    successor_id = None
-    if successor is not None:
-        successor_id = str(uuid.uuid4())
+    successor_id = str(uuid.uuid4()) if successor else None
     row = await run_change(request, task_id, fields, flip, now, False, successor_id)
     if successor is not None:
         copied = {name: row[name] for name in SUCCESSOR_COPIES}
@@ -880,14 +859,12 @@ RECURRENCE_COLUMNS = ("due_date", "due_at", "remind_at", "recurrence")
 
 
 def recurs_without_due_date(task: dict) -> bool:
-    """The rule for a task's columns (schema.sql's CHECK recurring_task_needs_due_date is its
-    backstop): a recurring task needs a due date."""
+    """A recurring task needs a due date (schema.sql's CHECK is the backstop)."""
     return task["recurrence"] is not None and task["due_date"] is None
 
 
 def might_recur_without_due_date(changes: dict) -> bool:
-    """A change that sets a recurrence without a due date, or clears the due date: only the
-    task's row can tell whether it leaves a recurring task without one."""
+    """Sets a recurrence without a due date, or clears the due date: only the row can tell."""
     sets_recurrence = changes.get("recurrence") is not None and changes.get("due_date") is None
     clears_due_date = "due_date" in changes and changes["due_date"] is None
     return sets_recurrence or clears_due_date
@@ -1192,8 +1169,8 @@ def parse_list_query(params) -> tuple[str, dict]:
 
 
 # === 7. Errors and logs ===
-# Every error is JSON with a `detail` key; a 500 shows no internals. Logs go to stdout (Render
-# and Fly collect it) and name route templates and error types, never an error's text.
+# Every error is JSON with a `detail` key; a 500 shows no internals. Logs (stdout) name route
+# templates and error types, never an error's text.
 
 request_log = logging.getLogger("service.requests")
 
@@ -1206,10 +1183,9 @@ DATABASE_OUTAGES = (
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
 )
-# A statement prepared on one server connection run on another, or two clients' statements of
-# one name on one server connection: a pooler that passes prepared statements on.
+# A pooler that passes prepared statements on.
 LOST_STATEMENTS = (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError)
-# A caller's method is logged as sent only if it is one of these: it is the caller's text.
+# Any other method is logged as OTHER: it is the caller's text.
 LOGGED_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 # A caller's X-Request-ID is kept if it looks like one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -1227,8 +1203,7 @@ def failure_line(scope: Scope, what: str) -> str:
 
 
 def logged_ids(scope: Scope) -> str:
-    """The id the service made for a request, and the caller's X-Request-ID (or -) beside it:
-    a caller can choose its own id, so it never stands alone in the logs."""
+    """The request's own id, then the caller's X-Request-ID (or -), which a caller chooses."""
     state = scope.get("state", {})
     return f"{state.get('request_id', '-')} {state.get('caller_request_id') or '-'}"
 
@@ -1238,14 +1213,12 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def client_left(request: Request, exc: ClientDisconnect) -> Response:
-    """The client went away before its body arrived: not an error. Nobody reads this answer;
-    the request log shows 499, as proxies do for a client that closed its request."""
+    """The client left before its body arrived: not an error; logged as 499, as proxies do."""
     return Response(status_code=499)
 
 
 async def constraint_error(request: Request, exc: asyncpg.CheckViolationError) -> Response:
-    # schema.sql, step 4: the backstop of recurs_without_due_date, which the handlers check
-    # first. Any other CHECK that fails is a bug: a 500.
+    # The backstop of recurs_without_due_date; any other CHECK that fails is a bug: a 500.
     if exc.constraint_name != "recurring_task_needs_due_date":
         return await server_error(request, exc)
     return await http_error(request, unprocessable(RECURRENCE_WITHOUT_DUE_DATE))
@@ -1258,15 +1231,13 @@ async def database_error(request: Request, exc: Exception) -> Response:
 
 
 async def lost_prepared_statement(request: Request, exc: Exception) -> Response:
-    """A statement prepared on one server connection, run on another: a pooler that passes
-    prepared statements on, which check_pooler refuses at start. This catches the rest."""
+    """Such a pooler, which check_pooler refuses at start, reconfigured since."""
     log.error("%s", failure_line(request.scope, NO_PREPARED_STATEMENTS))
     return JSONResponse({"detail": "Internal server error"}, 500)
 
 
 async def server_error(request: Request, exc: BaseException) -> Response:
-    # Where in this file it failed, never the exception's text: that may quote a row, or what
-    # the client sent.
+    # Where in this file it failed, never the exception's text (it may quote a row).
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == __file__]
     where = "".join(traceback.format_list(frames))
     log.error("%s\n%s", failure_line(request.scope, type(exc).__name__), where)
@@ -1274,9 +1245,8 @@ async def server_error(request: Request, exc: BaseException) -> Response:
 
 
 class RequestLog:
-    """Gives each request an id and the headers every response carries, and logs one line:
-    its ids (logged_ids), method and route template (never a user id, query, token or
-    body), status, milliseconds."""
+    """Gives each request an id and the headers every response carries, and logs one line: ids,
+    method and route template (never a user id, query, token or body), status, time."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -1318,10 +1288,10 @@ def response_headers(scope: Scope) -> dict:
     """The headers every response carries."""
     state = scope["state"]
     headers = {
-        # The caller's id if it sent a sane one, so that the frontend can match its logs.
+        # The caller's, if sane, so that the frontend can match its logs.
         "X-Request-ID": state.get("caller_request_id") or state["request_id"],
         "X-Content-Type-Options": "nosniff",
-        # A response differs by Origin (its CORS headers): a cache must not serve it to another.
+        # Its CORS headers differ by Origin.
         "Vary": "Origin",
     }
     # User data must not sit in shared caches.
@@ -1335,8 +1305,8 @@ class CannotServe(RuntimeError):
 
 
 def startup_problem(exc: Exception) -> str:
-    """The one line the lifespan logs when the service cannot start: never an error's text,
-    which may name the database's user or host."""
+    """Why the service cannot start, in one line: never an error's text (it may name the
+    database's user or host)."""
     if isinstance(exc, CannotServe):
         return str(exc)
     if isinstance(exc, LOST_STATEMENTS):
@@ -1356,8 +1326,7 @@ def accepted_tokens(verifier: TokenVerifier) -> str:
 
 
 def without_exception_text(record: logging.LogRecord) -> bool:
-    """A library's log line, kept without an exception's text or traceback: the service logs
-    what it may of a failure (server_error, the lifespan's one line)."""
+    """A library's log line, without an exception's text or traceback."""
     record.exc_info = None
     record.exc_text = None
     return not str(record.msg).startswith("Traceback")
@@ -1369,12 +1338,11 @@ def configure_logging() -> None:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # `databases` logs the URL it connects to, its password masked but its user and host not.
+    # `databases` logs the URL's user and host.
     logging.getLogger("databases").setLevel(logging.WARNING)
     # uvicorn's access log has raw paths (ours is RequestLog).
     logging.getLogger("uvicorn.access").disabled = True
-    # These log exceptions whole: uvicorn's a failed request or start, asyncpg's pool a server
-    # it cannot reach (its text names the host).
+    # These log exceptions whole (asyncpg's pool names the host).
     for name in ("uvicorn.error", "asyncpg.pool"):
         logger = logging.getLogger(name)
         if without_exception_text not in logger.filters:
@@ -1385,19 +1353,19 @@ def configure_logging() -> None:
 # PostgreSQL through `databases` on asyncpg.
 
 # A database that does not answer is a 503 within these bounds. Past the command timeout,
-# asyncpg also asks the server to cancel the statement: no session setting is needed for it.
+# asyncpg cancels the statement on the server too.
 DATABASE_CONNECT_TIMEOUT_SECONDS = 5
 DATABASE_COMMAND_TIMEOUT_SECONDS = 10
 # The URL's options: `databases` reads host, min_size and max_size (docs/review.md); the TLS
 # options are read here (channel_binding: asyncpg has none, and the verified certificate is what
 # it stands for). Anything else is refused: a misspelled sslmode must not be plaintext.
 URL_OPTIONS = {"sslmode", "sslrootcert", "channel_binding", "host", "min_size", "max_size"}
-# libpq's sslmode values that ask for TLS. Each of them verifies the certificate chain and the
-# host name here, before the password is sent: stricter than libpq's require, on purpose.
+# Each verifies the certificate chain and host name before the password is sent: stricter
+# than libpq's require, on purpose.
 TLS_SSLMODES = {"require", "verify-ca", "verify-full"}
-# allow and prefer fall back to no encryption: refused, in favour of require or disable.
+# Not allow or prefer, which fall back to plaintext.
 SSLMODES = TLS_SSLMODES | {"disable"}
-# sslrootcert=system (or none): the system's trusted authorities, as libpq 16 names them.
+# sslrootcert=system (or none): the system's authorities, as libpq 16 names them.
 SYSTEM_AUTHORITIES = "system"
 # Never the URL, which holds the password.
 UNREADABLE_DATABASE_URL = (
@@ -1410,14 +1378,12 @@ NO_SSLMODE = (
     " or ?sslmode=disable on a private network (Render's internal URL, Fly's .internal)"
 )
 
-# What read_database_url finds: asyncpg's ssl=, the start-up log's words for it, and whether a
-# pooler stands between us and PostgreSQL (DATABASE_POOLED; None when not known).
+# asyncpg's ssl=, the start-up log's words for it, and DATABASE_POOLED (None: not known).
 DatabaseTarget = collections.namedtuple("DatabaseTarget", ["tls", "protection", "pooled"])
 
 
 def read_database_url(url: str) -> DatabaseTarget:
-    """The one reading of DATABASE_URL: how it is reached and protected, or a CannotServe in one
-    line that quotes none of its credentials."""
+    """How DATABASE_URL is reached and protected, or a CannotServe that quotes none of it."""
     try:
         parts = urlsplit(url)
         # urlsplit reads the port only when asked, and raises unless it is a number.
@@ -1470,9 +1436,7 @@ def read_database_url(url: str) -> DatabaseTarget:
 
 
 async def no_reset(connection) -> None:
-    """Instead of asyncpg's RESET ALL and unlock query on every release: the service keeps no
-    session state (SET LOCAL, transaction locks). asyncpg still rolls back a transaction left
-    open before it calls this."""
+    """Instead of asyncpg's RESET ALL on every release: the service keeps no session state."""
 
 
 def open_database(url: str, tls, pooled, statement_cache: bool, upgrade=False) -> Database:
@@ -1483,9 +1447,7 @@ def open_database(url: str, tls, pooled, statement_cache: bool, upgrade=False) -
         "command_timeout": DATABASE_COMMAND_TIMEOUT_SECONDS,
         "ssl": tls,
     }
-    # The schema's steps: one connection, which no client timeout cuts short (a step may take
-    # long on a large table, and other instances wait for its lock); apply_schema lifts the
-    # server's.
+    # The schema's steps: one connection, which no timeout cuts short (a step may take long).
     if upgrade:
         options.update(command_timeout=None, min_size=1, max_size=1)
     if not statement_cache:
