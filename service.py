@@ -361,7 +361,8 @@ class TokenVerifier:
         now = self.clock()
         if digest in self.verified:
             expires_at, recheck_at, caller = self.verified[digest]
-            if now > expires_at:
+            # PyJWT's rule: expired once exp + leeway is reached.
+            if now >= expires_at:
                 raise unauthorized()
             if now < recheck_at:
                 return caller
@@ -536,6 +537,7 @@ def create_app(
     app.state.max_tasks_per_user = MAX_TASKS_PER_USER
     # Requests in flight, by caller (BearerAuth).
     app.state.in_flight = collections.Counter()
+    app.state.health_check = asyncio.Lock()
     # Read once: the document is data, served as it is.
     app.state.openapi = OPENAPI_PATH.read_bytes()
     return app
@@ -909,9 +911,11 @@ async def delete_task(request: Request, envelope: bool) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """No token needed: the platform's health check calls it. It reads no user's data."""
+    """No token needed: the platform's health check calls it. It reads no user's data, and
+    holds at most one pooled connection however many ask (they wait their turn)."""
     try:
-        await request.app.state.database.execute("SELECT 1")
+        async with request.app.state.health_check:
+            await request.app.state.database.execute("SELECT 1")
     except Exception as exc:
         log.warning("health check: database did not answer (%s)", type(exc).__name__)
         return JSONResponse({"status": "unavailable", "database": "unavailable"}, 503)

@@ -1148,6 +1148,14 @@ async def test_a_verified_token_is_remembered_until_it_expires(client, verifier,
     assert response.status_code == 401 and response.json() == {"detail": INVALID}
 
 
+async def test_a_remembered_token_expires_where_pyjwt_would_refuse_it(client, verifier):
+    exp = int(time.time()) + 600
+    token = jwt.encode({"sub": "alice", "exp": exp}, SECRET, algorithm="HS256")
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 200
+    verifier.clock = lambda: exp + service.CLOCK_SKEW_LEEWAY  # PyJWT: exp <= now - leeway
+    assert (await client.get("/api/tasks", headers=bearer(token))).status_code == 401
+
+
 async def test_a_remembered_token_is_checked_in_full_again_after_60_seconds(
     client, verifier, decodes
 ):
@@ -5033,6 +5041,25 @@ async def test_one_users_worst_requests_leave_another_user_answered_within_a_sec
     assert {status for _, status in waits} == {200}
     assert 429 in statuses
     assert set(statuses) <= {200, 429, 503}, statuses
+
+
+async def test_a_flood_of_health_checks_holds_one_pooled_connection_at_most(client, monkeypatch):
+    """/health needs no token, so no per-user limit holds it: its database check takes turns."""
+    running = []
+    most = []
+    execute = client.database.execute
+
+    async def slow_execute(query, values=None):
+        running.append(1)
+        most.append(len(running))
+        await asyncio.sleep(0.02)
+        running.pop()
+        return await execute(query, values)
+
+    monkeypatch.setattr(client.database, "execute", slow_execute)
+    responses = await concurrently(*[lambda: client.get("/health") for _ in range(20)])
+    assert [response.status_code for response in responses] == [200] * 20
+    assert max(most) == 1
 
 
 async def test_a_trailing_slash_is_not_redirected_to_the_host_header(client):
