@@ -3808,15 +3808,16 @@ async def test_no_log_line_names_the_databases_user_or_host(database, verifier, 
     assert f"{parts.hostname}:{parts.port}" not in caplog.text
 
 
-# A password with a character that ends the host part early, unless percent-encoded.
+# A password with a character that ends the host part early, unless percent-encoded. No digits:
+# a log line's time could hold them.
 MALFORMED_DATABASE_URLS = [
     "postgresql://alice:Abc/def@db.example/tasks",
     "postgresql://alice:Ghi#jkl@db.example/tasks",
-    "postgresql://alice:123?pqr@db.example/tasks",
+    "postgresql://alice:Mno?pqr@db.example/tasks",
     "postgresql://alice:Stu[vwx@db.example/tasks",
     "postgresql://alice:Yza@db.example:54x2/tasks",
 ]
-MALFORMED_URL_CREDENTIALS = ["alice", "Abc", "def", "Ghi", "jkl", "123", "pqr", "Stu", "vwx", "Yza"]
+MALFORMED_URL_CREDENTIALS = ["alice", "Abc", "def", "Ghi", "jkl", "Mno", "pqr", "Stu", "vwx", "Yza"]
 
 
 @pytest.mark.parametrize(
